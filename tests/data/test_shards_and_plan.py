@@ -1,0 +1,129 @@
+"""Shard writing/reading and the epoch plan: every sample exactly once per epoch across ranks x workers."""
+from collections import Counter
+
+import pytest
+from torch.utils.data import DataLoader
+
+from vlsafe.data.datamodule import ShardStream, Source
+from vlsafe.data.plan import PlannedSource, plan_epoch
+from vlsafe.data.processor import image_bytes
+from vlsafe.data.schema import Sample, SampleError
+from vlsafe.data.shards import ShardInfo, load_index, read_samples, write_shards
+
+
+def text_sample(i: int) -> Sample:
+    return Sample(id=f"s{i}", messages=[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}])
+
+
+class IdEncoder:
+    """Minimal picklable encoder: a batch is the list of sample ids."""
+
+    def encode(self, sample):
+        return sample.id
+
+    def collate(self, items):
+        return list(items)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    write_shards((text_sample(i) for i in range(41)), out, max_samples=10)
+    return out
+
+
+def test_write_and_read_round_trip(shard_dir, tmp_path):
+    index = load_index(shard_dir)
+    assert [s.count for s in index.shards] == [10, 10, 10, 10, 1]
+    assert [s.id for s in read_samples(shard_dir)] == [f"s{i}" for i in range(41)]
+    from PIL import Image
+    png = image_bytes(Image.new("RGB", (5, 3), (1, 2, 3)))
+    sample = Sample(id="img/with.dots", messages=[{"role": "user", "content": "<image>\nhi"},
+                                                  {"role": "assistant", "content": "ok"}],
+                    images=[png], boxes=[[0, 0, 2, 2]], masks=[image_bytes(Image.new("L", (5, 3), 255))],
+                    labels={"safe": 1.0}, meta={"source": "t"})
+    write_shards([sample], tmp_path / "one")
+    (back,) = list(read_samples(tmp_path / "one"))
+    assert back.id == "img/with.dots" and back.images == [png] and back.boxes == [[0, 0, 2, 2]]
+    assert back.labels == {"safe": 1.0} and back.meta == {"source": "t"} and len(back.masks) == 1
+
+
+def test_unusable_samples_are_named_or_counted(tmp_path):
+    broken = Sample(id="broken-7", messages=[{"role": "user", "content": "<image>\nhi"},
+                                             {"role": "assistant", "content": "x"}], images=[b"not an image"])
+    samples = [text_sample(0), broken, text_sample(1)]
+    with pytest.raises(SampleError, match=r"sample 'broken-7', field 'images\[0\]': image does not decode"):
+        write_shards(samples, tmp_path / "raise")
+    index = write_shards(samples, tmp_path / "skip", on_error="skip")
+    assert index.total == 2 and index.skipped[0]["id"] == "broken-7"
+    assert load_index(tmp_path / "skip").skipped[0]["field"] == "images[0]"
+
+
+@pytest.mark.parametrize("counts,slots", [([10, 10, 10, 10, 1], 4), ([7], 3), ([3, 50, 2], 7), ([5, 5], 1)])
+def test_plan_reads_each_sample_exactly_once_with_balanced_slots(counts, slots):
+    source = PlannedSource("s", tuple(ShardInfo(f"u{i}", c) for i, c in enumerate(counts)))
+    for epoch in (0, 1):
+        plan = plan_epoch([source], epoch=epoch, seed=3, num_slots=slots, shuffle=True)
+        reads = Counter((p.url, pos) for slot in plan for p in slot for pos in p.positions)
+        assert len(reads) == sum(counts) and set(reads.values()) == {1}
+        sizes = [sum(len(p) for p in slot) for slot in plan]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_plan_weights_mix_sources_at_a_ratio():
+    big = PlannedSource("big", (ShardInfo("b", 100),), weight=0.25)
+    small = PlannedSource("small", (ShardInfo("s", 10),), weight=2.0)
+    picked = []
+    for epoch in (0, 1):
+        plan = plan_epoch([big, small], epoch=epoch, seed=0, num_slots=2, shuffle=True)
+        reads = Counter((p.url, pos) for slot in plan for p in slot for pos in p.positions)
+        assert sum(v for (url, _), v in reads.items() if url == "b") == 25
+        assert all(reads[("s", pos)] == 2 for pos in range(10))
+        picked.append({pos for (url, pos) in reads if url == "b"})
+    assert picked[0] != picked[1], "the random subset of a down-weighted source changes every epoch"
+
+
+def _run_rank(shard_dir, rank, training, batch_size=4):
+    stream = ShardStream([Source(str(shard_dir)).planned()], IdEncoder(), batch_size=batch_size, rank=rank,
+                         world_size=2, num_workers=2, seed=0, shuffle=training, shuffle_buffer=8,
+                         pad_to_equal=training)
+    batches = list(DataLoader(stream, batch_size=None, num_workers=2))
+    return stream, batches
+
+
+def test_two_ranks_two_workers_see_each_sample_exactly_once(shard_dir):
+    seen = []
+    for rank in (0, 1):
+        stream, batches = _run_rank(shard_dir, rank, training=False)
+        assert len(batches) == len(stream), "len() must be the exact number of batches"
+        seen += [i for batch in batches for i in batch]
+    assert sorted(seen) == sorted(f"s{i}" for i in range(41))
+
+
+def test_training_ranks_get_equal_full_batches_covering_everything(shard_dir):
+    lengths, seen = [], Counter()
+    for rank in (0, 1):
+        stream, batches = _run_rank(shard_dir, rank, training=True)
+        assert len(batches) == len(stream) and all(len(b) == 4 for b in batches)
+        lengths.append(len(batches))
+        seen.update(i for batch in batches for i in batch)
+    assert lengths[0] == lengths[1], "DDP ranks must run the same number of steps"
+    assert set(seen) == {f"s{i}" for i in range(41)}
+    assert sum(seen.values()) - 41 < 4 * 4, "padding repeats less than one batch per worker"
+
+
+def test_epochs_reshuffle_deterministically(shard_dir):
+    def order(epoch):
+        stream = ShardStream([Source(str(shard_dir)).planned()], IdEncoder(), batch_size=41, shuffle=True,
+                             shuffle_buffer=16, seed=1)
+        stream.set_epoch(epoch)
+        return next(iter(stream))
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+    assert sorted(order(0)) == sorted(order(1))
+
+
+def test_empty_shard_list_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no shard index"):
+        Source(str(tmp_path)).planned()

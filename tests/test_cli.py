@@ -1,0 +1,86 @@
+"""The command line as users run it: recipes parse, fit/validate/predict work, DDP on 2 CPU processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p.relative_to(ROOT) for p in (ROOT / "recipes").rglob("*.yaml"))
+
+
+def run(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}  # two DDP processes on two cores: one thread each, no oversubscription
+    proc = subprocess.run([sys.executable, "tools/fit.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def small_run_args(tmp_path: Path, steps: int = 4) -> list[str]:
+    return ["--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
+            "--data.init_args.root", str(tmp_path / "world"), "--data.init_args.train_samples", "64",
+            "--data.init_args.val_samples", "16", "--data.init_args.batch_size", "4",
+            "--model.init_args.vlm.init_args.hidden_size", "32", "--model.init_args.vlm.init_args.intermediate_size", "64"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=str)
+def test_every_recipe_parses_against_the_classes_it_names(recipe, capsys):
+    from vlsafe.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(ROOT / recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: vlsafe.methods." in printed and "trainer:" in printed
+
+
+def test_unknown_recipe_key_is_rejected(tmp_path, capsys):
+    from vlsafe.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "recipes/demo/sft.yaml").read_text().replace("train_vision: true", "train_vison: true"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(bad), "--print_config"])
+    assert exit_info.value.code != 0
+    assert "train_vison" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fit_then_validate_and_predict_from_the_checkpoint(tmp_path):
+    fit = run(["recipes/demo/sft.yaml", *small_run_args(tmp_path)], tmp_path)
+    assert "[held-out, before training] answer accuracy" in fit.stdout
+    assert "[held-out, after training] answer accuracy" in fit.stdout
+    ckpts = sorted((tmp_path / "run").rglob("last.ckpt"))
+    assert ckpts, "fit must leave a checkpoint"
+    state = torch.load(ckpts[0], weights_only=True, map_location="cpu")  # plain data, no pickled objects
+    assert state["global_step"] == 4
+    assert state["hyper_parameters"]["vlm"]["class_path"] == "vlsafe.core.builders.TinyVLM"
+
+    common = ["--config", "recipes/demo/sft.yaml", *small_run_args(tmp_path), "--ckpt_path", str(ckpts[0])]
+    validate = run(["validate", *common], tmp_path)
+    assert "val/loss" in validate.stdout
+    out = tmp_path / "predictions.jsonl"
+    run(["predict", *common, "--trainer.callbacks+=vlsafe.eval.writer.JsonlPredictionWriter",
+         f"--trainer.callbacks.path={out}"], tmp_path)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 16 and {"id", "response", "reference"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_run_sft_steps(tmp_path):
+    run(["recipes/demo/sft.yaml", *small_run_args(tmp_path, steps=3), "--trainer.devices", "2",
+         "--trainer.strategy", "ddp", "--trainer.callbacks", "[]", "--data.init_args.num_workers", "0",
+         "--trainer.log_every_n_steps", "1"], tmp_path)
+    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert state["global_step"] == 3
+    metrics = list((tmp_path / "run").rglob("metrics.csv"))
+    assert metrics and "train/loss" in metrics[0].read_text()

@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Train, validate, test or predict from a YAML recipe.
+
+    python tools/fit.py recipes/demo/sft.yaml                       # = fit --config recipes/demo/sft.yaml
+    python tools/fit.py fit --config recipes/sft.yaml --trainer.max_steps 10
+    python tools/fit.py recipes/demo/sft.yaml --print_config
+    python tools/fit.py validate --config recipes/demo/sft.yaml --ckpt_path runs/demo-sft/.../last.ckpt
+"""
+from vlsafe.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Write WebDataset shards (+ index.json) that every vlsafe recipe reads.
+
+    python tools/make_shards.py llava --json llava_v1_5_mix665k.json --images /data/llava --out shards/mix665k
+    python tools/make_shards.py synthetic --out shards/world --n 10000 --kinds qa safety negative
+    python tools/make_shards.py index shards/mix665k        # rebuild index.json from the tars
+
+Every sample is validated and its images are decoded once; unusable samples stop the run with the sample id
+and field (default) or, with --on-error skip, are listed in index.json and summarised at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _write(samples, args, pre_errors=None):
+    from vlsafe.data.shards import write_shards
+
+    index = write_shards(samples, args.out, max_samples=args.max_samples, max_bytes=int(args.max_mb * 2**20),
+                         on_error=args.on_error, progress=True, total=getattr(args, "n", None))
+    skipped = (pre_errors or []) + index.skipped
+    if pre_errors:
+        index.skipped = skipped
+        index.save(args.out)
+    print(f"wrote {index.total} samples in {len(index.shards)} shard(s) to {args.out}; skipped {len(skipped)}")
+    for row in skipped[:10]:
+        print(f"  skipped {row['id']}: {row['field']}: {row['error']}")
+    if len(skipped) > 10:
+        print(f"  ... and {len(skipped) - 10} more (see {args.out}/index.json)")
+
+
+def cmd_llava(args) -> None:
+    from vlsafe.data.sources.llava import read_llava_json
+
+    errors = [] if args.on_error == "skip" else None
+    _write(read_llava_json(args.json, args.images, errors), args, errors)
+
+
+def cmd_synthetic(args) -> None:
+    from vlsafe.data.synthetic import WorldConfig, generate
+
+    samples = generate(args.n, seed=args.seed, kinds=args.kinds, cfg=WorldConfig(image_size=args.image_size),
+                       split=args.split)
+    _write(samples, args)
+
+
+def cmd_index(args) -> None:
+    from vlsafe.data.shards import ShardIndex, ShardInfo, iter_shard
+
+    folder = Path(args.folder)
+    tars = sorted(folder.glob("*.tar"))
+    if not tars:
+        raise SystemExit(f"error: no .tar files in {folder}")
+    shards = [ShardInfo(t.name, sum(1 for _ in iter_shard(str(t)))) for t in tars]
+    path = ShardIndex(shards).save(folder)
+    print(f"indexed {sum(s.count for s in shards)} samples in {len(shards)} shard(s): {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def writer_args(p):
+        p.add_argument("--out", required=True, help="output directory for shard-*.tar and index.json")
+        p.add_argument("--max-samples", type=int, default=1000, help="samples per shard (default 1000)")
+        p.add_argument("--max-mb", type=float, default=512, help="approximate shard size cap in MiB (default 512)")
+        p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                       help="stop at the first unusable sample (default) or skip and report it")
+
+    llava = sub.add_parser("llava", help="LLaVA-format JSON + image folder")
+    llava.add_argument("--json", required=True, help="LLaVA JSON list or JSONL file")
+    llava.add_argument("--images", default=None, help="folder the 'image' paths are relative to")
+    writer_args(llava)
+    llava.set_defaults(func=cmd_llava)
+
+    synthetic = sub.add_parser("synthetic", help="the synthetic shapes world")
+    synthetic.add_argument("--n", type=int, default=1000)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--split", default="train")
+    synthetic.add_argument("--image-size", type=int, default=64)
+    synthetic.add_argument("--kinds", nargs="+", default=["qa"])
+    writer_args(synthetic)
+    synthetic.set_defaults(func=cmd_synthetic)
+
+    index = sub.add_parser("index", help="(re)build index.json for a folder of vlsafe shards")
+    index.add_argument("folder")
+    index.set_defaults(func=cmd_index)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

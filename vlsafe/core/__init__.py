@@ -1,0 +1,1 @@
+"""The shared VLM core: vision tower, projector, LLM splicing, LoRA, LLaVA interop and builders."""

@@ -1,0 +1,218 @@
+"""Recipe-facing constructors: each builder makes a `VLM` and the `VLMProcessor` that matches it.
+
+A recipe picks one with `class_path` (e.g. `vlsafe.core.builders.LlavaHF`). Builders are plain classes
+whose constructor arguments are their whole configuration, so `config()` can be stored in a checkpoint
+as plain data and the model rebuilt later without unpickling anything.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlsafe.core.projector import build_projector
+from vlsafe.core.vlm import VLM
+from vlsafe.data.processor import VLMProcessor
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+class VLMBuilder:
+    """Base class: subclasses implement `build()`; `config()` records the constructor arguments."""
+
+    def build(self) -> tuple[VLM, VLMProcessor]:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        params = inspect.signature(type(self).__init__).parameters
+        args = {name: getattr(self, name) for name in params if name != "self"}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
+
+    @staticmethod
+    def from_config(config: dict[str, Any]) -> "VLMBuilder":
+        """Rebuild a builder from `config()` output; only vlsafe builder classes are accepted."""
+        module_name, _, class_name = config["class_path"].rpartition(".")
+        if not module_name.startswith("vlsafe."):
+            raise ValueError(f"refusing to instantiate {config['class_path']!r}: not a vlsafe builder")
+        import importlib
+        cls = getattr(importlib.import_module(module_name), class_name)
+        if not (isinstance(cls, type) and issubclass(cls, VLMBuilder)):
+            raise ValueError(f"{config['class_path']!r} is not a VLMBuilder")
+        return cls(**config.get("init_args", {}))
+
+
+def _processor_for(vlm: VLM, tokenizer, template: str, max_length: int, pad_to_square: bool = True) -> VLMProcessor:
+    tower = vlm.vision
+    return VLMProcessor(tokenizer, template, image_size=tower.image_size, num_image_tokens=tower.num_patches,
+                        image_mean=tower.image_mean, image_std=tower.image_std, max_length=max_length,
+                        pad_to_square=pad_to_square)
+
+
+class FromParts(VLMBuilder):
+    """Compose a VLM from an open_clip (or HF CLIP) tower, a projector and any HF causal LM.
+
+    This is LLaVA stage 1/2 from scratch: e.g. `llm=lmsys/vicuna-7b-v1.5`, `vision=ViT-L-14-336` with
+    `vision_pretrained=openai`, `projector=mlp2x_gelu`, `projector_weights=<stage-1 mm_projector.bin>`.
+    """
+
+    def __init__(self, llm: str, vision: str = "ViT-L-14-336", vision_pretrained: str | None = "openai",
+                 hf_vision: str | None = None, projector: str = "mlp2x_gelu", projector_weights: str | None = None,
+                 select_layer: int = -2, tokenizer: str | None = None, template: str = "vicuna_v1",
+                 max_length: int = 2048, torch_dtype: str | None = None, attn_implementation: str | None = None,
+                 trust_remote_code: bool = False):
+        self.llm, self.vision, self.vision_pretrained, self.hf_vision = llm, vision, vision_pretrained, hf_vision
+        self.projector, self.projector_weights, self.select_layer = projector, projector_weights, select_layer
+        self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
+        self.torch_dtype, self.attn_implementation = torch_dtype, attn_implementation
+        self.trust_remote_code = trust_remote_code
+
+    def build(self) -> tuple[VLM, VLMProcessor]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from vlsafe.core.vision import VisionTower
+
+        if self.hf_vision:
+            tower = VisionTower.from_hf_clip(self.hf_vision, select_layer=self.select_layer)
+        else:
+            tower = VisionTower.from_open_clip(self.vision, pretrained=self.vision_pretrained,
+                                               select_layer=self.select_layer)
+        kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.torch_dtype:
+            kwargs["dtype"] = resolve_dtype(self.torch_dtype)
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        llm = AutoModelForCausalLM.from_pretrained(self.llm, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer or self.llm, use_fast=True,
+                                                  trust_remote_code=self.trust_remote_code)
+        projector = build_projector(self.projector, tower.hidden_size, llm.config.hidden_size)
+        if self.projector_weights:
+            load_projector_weights(projector, self.projector_weights)
+        vlm = VLM(tower, projector, llm)
+        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length)
+
+
+def load_projector_weights(projector: torch.nn.Module, path: str) -> None:
+    """Load a stage-1 projector (`mm_projector.bin` / `.safetensors`, LLaVA key names accepted)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    prefixes = ("model.mm_projector.", "mm_projector.", "multi_modal_projector.")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        cleaned[key.replace("linear_1", "0").replace("linear_2", "2")] = value
+    missing, unexpected = projector.load_state_dict(cleaned, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: projector weights do not fit (missing {missing}, unexpected {unexpected})")
+
+
+class LlavaHF(VLMBuilder):
+    """A transformers `LlavaForConditionalGeneration` folder (e.g. `llava-hf/llava-1.5-7b-hf`)."""
+
+    def __init__(self, path: str, template: str = "vicuna_v1", max_length: int = 2048,
+                 torch_dtype: str | None = None, tokenizer: str | None = None):
+        self.path, self.template, self.max_length = path, template, max_length
+        self.torch_dtype, self.tokenizer = torch_dtype, tokenizer
+
+    def build(self) -> tuple[VLM, VLMProcessor]:
+        from transformers import AutoTokenizer
+
+        from vlsafe.core.interop import load_llava_hf
+
+        vlm, tokenizer = load_llava_hf(self.path, torch_dtype=resolve_dtype(self.torch_dtype))
+        if self.tokenizer or tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer or self.path, use_fast=True)
+        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length)
+
+
+class LlavaOriginal(VLMBuilder):
+    """A haotian-liu/LLaVA checkpoint (`liuhaotian/llava-v1.5-7b` layout, `model.mm_projector.*`)."""
+
+    def __init__(self, path: str, vision_tower_path: str | None = None, template: str = "vicuna_v1",
+                 max_length: int = 2048, tokenizer: str | None = None):
+        self.path, self.vision_tower_path = path, vision_tower_path
+        self.template, self.max_length, self.tokenizer = template, max_length, tokenizer
+
+    def build(self) -> tuple[VLM, VLMProcessor]:
+        from transformers import AutoTokenizer
+
+        from vlsafe.core.interop import load_llava_original
+
+        vlm, tokenizer = load_llava_original(self.path, vision_tower_path=self.vision_tower_path)
+        if self.tokenizer or tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer or self.path, use_fast=True)
+        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length)
+
+
+class TinyVLM(VLMBuilder):
+    """A random-init VLM small enough to train on a laptop CPU in seconds, for demos and tests.
+
+    open_clip ViT (64 px, patch 8 -> 64 image tokens) + a small Llama, with a byte-level BPE tokenizer
+    trained on the synthetic world's text. Same seed -> same weights and vocabulary.
+    """
+
+    def __init__(self, image_size: int = 64, patch_size: int = 8, vision_width: int = 64, vision_layers: int = 2,
+                 vision_heads: int = 2, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                 intermediate_size: int = 128, vocab_size: int = 1024, projector: str = "mlp2x_gelu",
+                 select_layer: int = -1, template: str = "vicuna_v1", max_length: int = 512, seed: int = 0,
+                 tokenizer: str | None = None):
+        self.image_size, self.patch_size = image_size, patch_size
+        self.vision_width, self.vision_layers, self.vision_heads = vision_width, vision_layers, vision_heads
+        self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
+        self.intermediate_size, self.vocab_size, self.projector = intermediate_size, vocab_size, projector
+        self.select_layer, self.template, self.max_length, self.seed = select_layer, template, max_length, seed
+        self.tokenizer = tokenizer
+
+    def build(self) -> tuple[VLM, VLMProcessor]:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        from vlsafe.core.tokenizer import train_bpe_tokenizer
+        from vlsafe.core.vision import VisionTower
+
+        if self.tokenizer:
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer, use_fast=True)
+        else:
+            from vlsafe.data.synthetic import corpus
+            tokenizer = train_bpe_tokenizer(corpus(), vocab_size=self.vocab_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            tower = VisionTower.from_open_clip(
+                vision_cfg={"image_size": self.image_size, "patch_size": self.patch_size, "width": self.vision_width,
+                            "layers": self.vision_layers, "head_width": self.vision_width // self.vision_heads,
+                            "mlp_ratio": 2.0},
+                select_layer=self.select_layer)
+            config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=self.hidden_size,
+                                 intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                                 num_attention_heads=self.num_heads, num_key_value_heads=self.num_heads,
+                                 max_position_embeddings=max(self.max_length, 512),
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+            llm = LlamaForCausalLM(config)
+            projector = build_projector(self.projector, tower.hidden_size, self.hidden_size)
+        vlm = VLM(tower, projector, llm)
+        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length)
+
+
+def save_pretrained_parts(vlm: VLM, processor: VLMProcessor, out_dir: str | Path) -> Path:
+    """Save the tokenizer beside a run so evaluation never depends on re-deriving it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    processor.tokenizer.save_pretrained(out / "tokenizer")
+    return out

@@ -1,0 +1,111 @@
+"""The shared VLM: vision tower -> projector -> image features spliced into a causal LM.
+
+Sequences carry `IMAGE_TOKEN_INDEX` once per image *patch* (the processor expands each `<image>`
+placeholder to `num_image_tokens` copies), so the sequence length, attention mask and labels are all
+known when a batch is collated, and left or right padding needs no special casing here. The LLM sees
+position ids computed from the attention mask, which makes logits independent of the padding side.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+IMAGE_TOKEN_INDEX = -200  # LLaVA's sentinel id; never a real vocabulary entry
+IGNORE_INDEX = -100
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so a left-padded row matches its unpadded self."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)
+
+
+class VLM(nn.Module):
+    """Vision tower + projector + LLM. Methods own losses; this module only computes logits.
+
+    `forward` accepts precomputed `image_features` so that preference methods can encode an image
+    once and reuse the features for the chosen, rejected and blind sequences.
+    """
+
+    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module):
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches
+
+    @property
+    def llm_config(self) -> Any:
+        return self.llm.config
+
+    # ------------------------------------------------------------------ building blocks
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, num_image_tokens, llm_hidden)."""
+        vision_trainable = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable):
+            features = self.vision(pixel_values.to(self.vision_dtype))
+        return self.projector(features.to(self.projector_dtype))
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image features written over the `IMAGE_TOKEN_INDEX` positions.
+
+        Features are consumed in batch-major order: all images of row 0 in placeholder order, then row 1.
+        """
+        image_mask = input_ids == IMAGE_TOKEN_INDEX
+        embeddings = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        n_slots = int(image_mask.sum())
+        if image_features is None or image_features.numel() == 0:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} image-token slots but no image features were given")
+            if self.training and torch.is_grad_enabled():
+                # Keep the projector in the graph on text-only batches (DDP expects every trainable
+                # parameter to receive a gradient each step).
+                dummy = torch.zeros(1, 1, self.vision.hidden_size, device=embeddings.device,
+                                    dtype=self.projector_dtype)
+                embeddings = embeddings + 0.0 * self.projector(dummy).sum().to(embeddings.dtype)
+            return embeddings
+        flat = image_features.reshape(-1, image_features.shape[-1]).to(embeddings.dtype)
+        if flat.shape[0] != n_slots:
+            raise ValueError(
+                f"image features ({image_features.shape[0]} image(s) x {image_features.shape[1]} tokens = "
+                f"{flat.shape[0]}) do not match the {n_slots} image-token slots in input_ids; a truncated "
+                f"or mis-expanded <image> placeholder is the usual cause")
+        return embeddings.masked_scatter(image_mask.unsqueeze(-1), flat)
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **llm_kwargs: Any) -> Any:
+        """Return the LLM output (`.logits`). `logits_to_keep` limits the LM head to some positions."""
+        if image_features is None and pixel_values is not None and pixel_values.numel():
+            image_features = self.encode_images(pixel_values)
+        embeddings = self.embed(input_ids, image_features)
+        return self.llm(inputs_embeds=embeddings, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask), logits_to_keep=logits_to_keep,
+                        use_cache=False, **llm_kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor:
+        """Continue left-padded prompts with transformers' `generate`; returns only the new tokens."""
+        if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("batched generation needs left padding (padding_side='left'): a prompt ends in padding")
+        if image_features is None and pixel_values is not None and pixel_values.numel():
+            image_features = self.encode_images(pixel_values)
+        embeddings = self.embed(input_ids, image_features)
+        return self.llm.generate(inputs_embeds=embeddings, attention_mask=attention_mask, **generate_kwargs)

@@ -1,0 +1,272 @@
+"""A LightningDataModule over WebDataset shards: plan, read, encode and batch inside workers.
+
+The model decides how a sample becomes tensors (`LightningModule.data_encoder(stage)`); this module
+decides which samples each rank and worker reads (`vlsafe.data.plan`) and turns them into batches.
+Batches are built in the workers, so `len()` is exact per rank and DDP ranks always agree on the number
+of training steps.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlsafe.data.plan import PlannedSource, ReadPiece, padded_worker_quota, plan_epoch, slot_sizes
+from vlsafe.data.schema import Sample, SampleError
+from vlsafe.data.shards import iter_shard, load_index
+
+log = logging.getLogger(__name__)
+STAGES = ("fit", "validate", "test", "predict")
+
+
+class SampleEncoder(Protocol):
+    """What a method gives the data pipeline: per-sample encoding and batch collation (picklable)."""
+
+    def encode(self, sample: Sample) -> dict[str, Any]: ...
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]: ...
+
+
+@dataclass
+class Source:
+    """One shard set in a mixture.
+
+    `weight` scales how many of its samples an epoch draws: 1.0 = each sample once, 0.5 = a random half,
+    2.0 = twice. `num_samples` sets the count directly (VLGuard's "post-hoc" N-sample subset).
+    """
+
+    path: str
+    weight: float = 1.0
+    num_samples: int | None = None
+    name: str | None = None
+
+    def planned(self) -> PlannedSource:
+        if self.weight < 0 or (self.num_samples is not None and self.num_samples < 0):
+            raise ValueError(f"source {self.path}: weight and num_samples must be >= 0")
+        index = load_index(self.path)
+        return PlannedSource(self.name or self.path, tuple(index.shards), self.weight, self.num_samples)
+
+
+def as_sources(spec: str | Source | list[Source] | list[str] | None) -> list[Source]:
+    if spec is None:
+        return []
+    if isinstance(spec, (str, Source)):
+        spec = [spec]
+    out = []
+    for item in spec:
+        if isinstance(item, str):
+            item = Source(item)
+        elif isinstance(item, dict):
+            item = Source(**item)
+        out.append(item)
+    return out
+
+
+class ShardStream(IterableDataset):
+    """Yields collated batches for one rank; each worker reads its own slice of the epoch plan."""
+
+    def __init__(self, sources: list[PlannedSource], encoder: SampleEncoder, *, batch_size: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = False,
+                 shuffle_buffer: int = 0, pad_to_equal: bool = False, on_error: str = "raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if not sources or sum(s.allotment for s in sources) == 0:
+            raise ValueError("the shard list is empty: no samples to read")
+        self.sources = sources
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.pad_to_equal = pad_to_equal
+        self.on_error = on_error
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # ------------------------------------------------------------------ sizes
+    def _worker_sizes(self) -> list[int]:
+        sizes = slot_sizes(self.sources, self.world_size * self.num_workers)
+        return sizes[self.rank * self.num_workers:(self.rank + 1) * self.num_workers]
+
+    def _quota(self) -> int:
+        return padded_worker_quota(self.sources, world_size=self.world_size, num_workers=self.num_workers,
+                                   batch_size=self.batch_size)
+
+    def __len__(self) -> int:
+        """Exact number of batches this rank yields per epoch."""
+        if self.pad_to_equal:
+            return self.num_workers * self._quota() // self.batch_size
+        return sum(math.ceil(n / self.batch_size) for n in self._worker_sizes())
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self._worker_sizes())
+
+    # ------------------------------------------------------------------ iteration
+    def _pieces(self, worker: int) -> list[ReadPiece]:
+        plan = plan_epoch(self.sources, epoch=self.epoch, seed=self.seed,
+                          num_slots=self.world_size * self.num_workers, shuffle=self.shuffle)
+        return plan[self.rank * self.num_workers + worker]
+
+    def _raw_samples(self, pieces: list[ReadPiece]) -> Iterator[Sample]:
+        for piece in pieces:
+            wanted = set(piece.positions)
+            produced = 0
+            for _, sample in iter_shard(piece.url, keep=wanted.__contains__):
+                produced += 1
+                yield sample
+            if produced != len(piece.positions):
+                raise IOError(f"shard {piece.url} yielded {produced} of the {len(piece.positions)} planned samples; "
+                              f"it is shorter than its index says (truncated or replaced?)")
+
+    def _shuffled(self, samples: Iterator[Sample], rng: random.Random) -> Iterator[Sample]:
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buffer: list[Sample] = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _encoded(self, samples: Iterator[Sample]) -> Iterator[dict[str, Any]]:
+        skipped = 0
+        for sample in samples:
+            try:
+                yield self.encoder.encode(sample)
+            except SampleError as err:
+                if self.on_error == "raise":
+                    raise
+                skipped += 1
+                log.warning("skipping unusable sample (%d skipped so far in this worker): %s", skipped, err)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.num_workers:
+            raise RuntimeError(f"ShardStream was planned for {self.num_workers} workers but the DataLoader "
+                               f"runs {info.num_workers}")
+        rng = random.Random(f"shuffle-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        items = self._encoded(self._shuffled(self._raw_samples(self._pieces(worker)), rng))
+        quota = self._quota() if self.pad_to_equal else None
+        yield from self._batches(items, quota)
+
+    def _batches(self, items: Iterator[dict[str, Any]], quota: int | None) -> Iterator[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+        seen: list[dict[str, Any]] = []
+        produced = 0
+        for item in items:
+            if quota is not None and produced >= quota:
+                break
+            batch.append(item)
+            produced += 1
+            if quota is not None and len(seen) < self.batch_size:
+                seen.append(item)
+            if len(batch) == self.batch_size:
+                yield self.encoder.collate(batch)
+                batch = []
+        if quota is not None and produced < quota:
+            if not seen:
+                raise RuntimeError("this worker produced no usable samples to pad its epoch with")
+            for i in range(quota - produced):  # repeat samples so every rank runs the same number of steps
+                batch.append(seen[i % len(seen)])
+                if len(batch) == self.batch_size:
+                    yield self.encoder.collate(batch)
+                    batch = []
+        if batch:
+            yield self.encoder.collate(batch)
+
+
+class EpochAwareLoader(DataLoader):
+    """A DataLoader that tells its stream the epoch before workers fork (Lightning only does this for
+    samplers, and an IterableDataset has none)."""
+
+    def __init__(self, dataset: ShardStream, epoch_fn, **kwargs: Any):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(self._epoch_fn())
+        return super().__iter__()
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Shards in, batches out. `train`/`val`/`test`/`predict` take a shard directory or a list of
+    `Source`s (weighted mixing); the attached LightningModule supplies the encoder."""
+
+    def __init__(self, train: str | list[Source] | None = None, val: str | list[Source] | None = None,
+                 test: str | list[Source] | None = None, predict: str | list[Source] | None = None,
+                 batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 2,
+                 shuffle_buffer: int = 1000, seed: int = 0, on_error: str = "raise"):
+        super().__init__()
+        self.sources = {"fit": as_sources(train), "validate": as_sources(val), "test": as_sources(test),
+                        "predict": as_sources(predict)}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.on_error = on_error
+        self._encoders: dict[str, SampleEncoder] = {}
+        self._rank: tuple[int, int] | None = None
+
+    def connect(self, encoders: dict[str, SampleEncoder] | SampleEncoder, rank: int = 0, world_size: int = 1) -> None:
+        """Attach encoders explicitly (standalone use, tests); under a Trainer `setup` does this."""
+        self._encoders = encoders if isinstance(encoders, dict) else {stage: encoders for stage in STAGES}
+        self._rank = (rank, world_size)
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            module = self.trainer.lightning_module
+            if not hasattr(module, "data_encoder"):
+                raise TypeError(f"{type(module).__name__} has no data_encoder(stage); vlsafe data modules need a "
+                                f"vlsafe method module")
+            self._encoders = {s: module.data_encoder(s) for s in STAGES}
+            self._rank = (self.trainer.global_rank, self.trainer.world_size)
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def stream(self, stage: str) -> ShardStream:
+        sources = self.sources[stage]
+        if not sources:
+            raise ValueError(f"no {stage!r} data configured: set data.{_ARG_FOR_STAGE[stage]} in the recipe")
+        if stage not in self._encoders or self._rank is None:
+            raise RuntimeError("call ShardDataModule.connect(encoder) (or run under a Trainer) before loading data")
+        rank, world_size = self._rank
+        training = stage == "fit"
+        return ShardStream([s.planned() for s in sources], self._encoders[stage],
+                           batch_size=self.batch_size if training else self.eval_batch_size, rank=rank,
+                           world_size=world_size, num_workers=self.num_workers, seed=self.seed, shuffle=training,
+                           shuffle_buffer=self.shuffle_buffer, pad_to_equal=training, on_error=self.on_error)
+
+    def _loader(self, stage: str) -> DataLoader:
+        return EpochAwareLoader(self.stream(stage), self._current_epoch, num_workers=self.num_workers,
+                                persistent_workers=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("fit")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validate") if self.sources["validate"] else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+
+_ARG_FOR_STAGE = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}

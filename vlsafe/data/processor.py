@@ -1,0 +1,194 @@
+"""Turn samples into model inputs: chat template -> token ids with exact labels, images -> tensors.
+
+The processor belongs to the model (its tokenizer, image size and normalisation must match the
+weights) and is handed to the data pipeline, where it runs inside the dataloader workers.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from vlsafe.core.vlm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vlsafe.data.schema import IMAGE_PLACEHOLDER, SampleError
+from vlsafe.data.shards import decode_image
+from vlsafe.data.templates import ChatTemplate, Segment, get_template
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad to a centred square with `background` (LLaVA's `image_aspect_ratio='pad'`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+class VLMProcessor:
+    """Tokenises conversations for one model and preprocesses its images.
+
+    Every `<image>` placeholder becomes `num_image_tokens` copies of `IMAGE_TOKEN_INDEX`; text between
+    placeholders is tokenised chunk by chunk (as LLaVA's `tokenizer_image_token` does), and a token is
+    supervised iff its characters overlap an assistant reply or its end-of-turn marker.
+    """
+
+    def __init__(self, tokenizer, template: str | ChatTemplate = "vicuna_v1", *, image_size: int = 336,
+                 num_image_tokens: int = 576, image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN,
+                 image_std: tuple[float, ...] = OPENAI_CLIP_STD, max_length: int = 2048,
+                 pad_to_square: bool = True, add_bos: bool | None = None):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("VLMProcessor needs a fast (Rust) tokenizer for character offsets; load it with "
+                             "AutoTokenizer.from_pretrained(..., use_fast=True)")
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.image_size = int(image_size)
+        self.num_image_tokens = int(num_image_tokens)
+        self.image_mean = tuple(float(x) for x in image_mean)
+        self.image_std = tuple(float(x) for x in image_std)
+        self.max_length = int(max_length)
+        self.pad_to_square = pad_to_square
+        self.add_bos = tokenizer.bos_token_id is not None if add_bos is None else add_bos
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = int(pad)
+
+    # ------------------------------------------------------------------ text
+    @property
+    def eos(self) -> str:
+        return self.tokenizer.eos_token or ""
+
+    def _tokenize_segments(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
+        text = "".join(s for s, _ in segments)
+        supervised_spans, cursor = [], 0
+        for segment_text, supervised in segments:
+            if supervised:
+                supervised_spans.append((cursor, cursor + len(segment_text)))
+            cursor += len(segment_text)
+        ids: list[int] = [self.tokenizer.bos_token_id] if self.add_bos else []
+        labels: list[int] = [IGNORE_INDEX] * len(ids)
+        chunk_start = 0
+        for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i > 0:
+                ids += [IMAGE_TOKEN_INDEX] * self.num_image_tokens
+                labels += [IGNORE_INDEX] * self.num_image_tokens
+            if chunk:
+                enc = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+                for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+                    start, end = start + chunk_start, max(end, start + 1) + chunk_start
+                    supervised = any(start < span_end and end > span_start
+                                     for span_start, span_end in supervised_spans)
+                    ids.append(token_id)
+                    labels.append(token_id if supervised else IGNORE_INDEX)
+            chunk_start += len(chunk) + len(IMAGE_PLACEHOLDER)
+        return ids, labels
+
+    def _truncate(self, ids: list[int], labels: list[int], sample_id: str, need_labels: bool) -> Encoded:
+        if len(ids) <= self.max_length:
+            return Encoded(ids, labels)
+        cut = self.max_length
+        if IMAGE_TOKEN_INDEX in ids[cut:]:
+            # Cutting image tokens would desynchronise features and slots (the classic "image features
+            # and image tokens do not match" crash), so refuse instead of truncating.
+            raise SampleError(sample_id, "messages", f"{len(ids)} tokens: max_length={self.max_length} would cut "
+                                                     f"into an image's {self.num_image_tokens} tokens")
+        encoded = Encoded(ids[:cut], labels[:cut], truncated=True)
+        if need_labels and encoded.num_supervised == 0:
+            raise SampleError(sample_id, "messages", f"{len(ids)} tokens: truncation to max_length="
+                                                     f"{self.max_length} removes every supervised token")
+        return encoded
+
+    def encode_conversation(self, messages: list[dict[str, str]], sample_id: str = "?") -> Encoded:
+        """A full conversation ending in an assistant turn; labels cover the assistant replies."""
+        if not any(m["role"] == "assistant" for m in messages):
+            raise SampleError(sample_id, "messages", "has no assistant turn to learn from")
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant" and not message["content"].strip():
+                raise SampleError(sample_id, f"messages[{i}].content", "assistant answer is empty")
+        segments = self._segments(messages, sample_id, add_generation_prompt=False)
+        encoded = self._truncate(*self._tokenize_segments(segments), sample_id, need_labels=True)
+        return encoded
+
+    def encode_prompt(self, messages: list[dict[str, str]], sample_id: str = "?") -> Encoded:
+        """A prompt ending in a user turn, followed by the template's generation prefix."""
+        if messages[-1]["role"] != "user":
+            raise SampleError(sample_id, "messages", "a generation prompt must end with a user turn")
+        segments = self._segments(messages, sample_id, add_generation_prompt=True)
+        return self._truncate(*self._tokenize_segments(segments), sample_id, need_labels=False)
+
+    def _segments(self, messages: list[dict[str, str]], sample_id: str, add_generation_prompt: bool) -> list[Segment]:
+        try:
+            return self.template.segments(messages, eos=self.eos, bos=self.tokenizer.bos_token or "",
+                                          add_generation_prompt=add_generation_prompt)
+        except ValueError as err:
+            raise SampleError(sample_id, "messages", str(err)) from None
+
+    def decode(self, token_ids: list[int] | torch.Tensor) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+    # ------------------------------------------------------------------ images
+    def preprocess_image(self, image: bytes | Image.Image, sample_id: str = "?", field_name: str = "images") -> torch.Tensor:
+        """Decode, pad to square with the mean colour, resize (bicubic) and normalise -> (3, S, S)."""
+        if not isinstance(image, Image.Image):
+            image = decode_image(image, sample_id, field_name)
+        image = image.convert("RGB")
+        if self.pad_to_square:
+            image = expand2square(image, tuple(int(m * 255) for m in self.image_mean))  # LLaVA truncates
+        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        pixels = pixels.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float().div_(255)
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        return (pixels - mean) / std
+
+    def preprocess_images(self, images: list[bytes], sample_id: str = "?") -> torch.Tensor:
+        if not images:
+            return torch.zeros(0, 3, self.image_size, self.image_size)
+        return torch.stack([self.preprocess_image(img, sample_id, f"images[{i}]") for i, img in enumerate(images)])
+
+    # ------------------------------------------------------------------ batching
+    def pad(self, sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
+        """Pad lists of ids to one tensor; `side='left'` is what batched generation needs."""
+        if side not in ("left", "right"):
+            raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+        width = max(len(s) for s in sequences)
+        out = torch.full((len(sequences), width), value, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            if side == "right":
+                out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            elif seq:
+                out[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        return out
+
+    def collate_text(self, input_ids: list[list[int]], labels: list[list[int]] | None = None,
+                     side: str = "right") -> dict[str, torch.Tensor]:
+        batch = {"input_ids": self.pad(input_ids, self.pad_token_id, side),
+                 "attention_mask": self.pad([[1] * len(s) for s in input_ids], 0, side)}
+        if labels is not None:
+            batch["labels"] = self.pad(labels, IGNORE_INDEX, side)
+        return batch
+
+
+def image_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    """Encode a PIL image (handy for tests and converters)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()

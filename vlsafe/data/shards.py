@@ -1,0 +1,260 @@
+"""WebDataset shard I/O for `Sample` records, plus the `index.json` that makes epochs plannable.
+
+A shard member is `<key>.json` (the sample's metadata), `<key>.img<i>.<ext>` (encoded image bytes, as
+read from disk) and `<key>.mask<i>.png`. Nothing is pickled. Keys are zero-padded sequence numbers, so
+ids with dots or slashes never reach a tar member name and the order is deterministic.
+
+The index lists every shard with its sample count. Counts let every rank and dataloader worker compute
+the same epoch plan without reading the data (see `vlsafe.data.plan`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import webdataset as wds
+from PIL import Image
+
+from vlsafe.data.schema import Sample, SampleError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "vlsafe-shards/1"
+_IMAGE_MEMBER = re.compile(r"^img(\d+)\.([a-z0-9]+)$")
+_MASK_MEMBER = re.compile(r"^mask(\d+)\.png$")
+_PIL_TO_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+
+
+# ---------------------------------------------------------------------------------------- index
+@dataclass
+class ShardInfo:
+    url: str
+    count: int
+
+
+@dataclass
+class ShardIndex:
+    """What a shard directory holds. `url`s are relative to the index unless absolute/remote."""
+
+    shards: list[ShardInfo]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    format: str = INDEX_FORMAT
+
+    @property
+    def total(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / INDEX_NAME
+        payload = {"format": self.format, "total": self.total, "shards": [asdict(s) for s in self.shards],
+                   "skipped": self.skipped}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        os.replace(tmp, path)
+        return path
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def resolve_shard_url(base: str, url: str) -> str:
+    if _is_remote(url) or os.path.isabs(url):
+        return url
+    return posixpath.join(base, url) if _is_remote(base) else str(Path(base) / url)
+
+
+def load_index(location: str | Path) -> ShardIndex:
+    """Read `index.json` from a shard directory (or the index file itself) and resolve shard urls."""
+    location = str(location)
+    index_path = location if location.endswith(".json") else (
+        posixpath.join(location, INDEX_NAME) if _is_remote(location) else str(Path(location) / INDEX_NAME))
+    base = posixpath.dirname(index_path) if _is_remote(index_path) else str(Path(index_path).parent)
+    try:
+        with wds.gopen(index_path, "rb") as stream:
+            payload = json.loads(stream.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no shard index at {index_path}; write shards with tools/make_shards.py, or index existing "
+            f"WebDataset tars with `python tools/make_shards.py --index-only {location}`") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{index_path}: malformed JSON ({err})") from None
+    if payload.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{index_path}: format {payload.get('format')!r} is not {INDEX_FORMAT!r}")
+    shards = [ShardInfo(resolve_shard_url(base, s["url"]), int(s["count"])) for s in payload["shards"]]
+    if not shards:
+        raise ValueError(f"{index_path}: lists no shards")
+    return ShardIndex(shards=shards, skipped=payload.get("skipped", []))
+
+
+# ---------------------------------------------------------------------------------------- images
+def encoded_image(image: bytes | str | Path, sample_id: str, field_name: str) -> tuple[bytes, str]:
+    """Return (bytes, extension) for an image given as bytes or a path, after checking it decodes.
+
+    Images are stored as the original encoded bytes (no re-encoding loss); a full decode here means a
+    corrupt or truncated file is reported at shard-writing time, not in the middle of training.
+    """
+    if isinstance(image, (str, Path)):
+        try:
+            data = Path(image).read_bytes()
+        except OSError as err:
+            raise SampleError(sample_id, field_name, f"cannot read image file {image}: {err.strerror}") from None
+    else:
+        data = bytes(image)
+    if not data:
+        raise SampleError(sample_id, field_name, "image is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            img.load()
+    except Exception as err:  # PIL raises many types for broken files
+        raise SampleError(sample_id, field_name, f"image does not decode: {err}") from None
+    return data, _PIL_TO_EXT.get(fmt or "", "png" if fmt is None else fmt.lower())
+
+
+def decode_image(data: bytes, sample_id: str = "?", field_name: str = "images") -> Image.Image:
+    """Decode encoded bytes to an RGB PIL image (alpha is composited on white, palettes expanded)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as err:
+        raise SampleError(sample_id, field_name, f"image does not decode: {err}") from None
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------- writing
+def sample_members(sample: Sample, key: str) -> dict[str, bytes | str]:
+    """Encode one validated sample into tar members (all bytes)."""
+    members: dict[str, bytes | str] = {"__key__": key, "json": sample.to_json()}
+    for i, image in enumerate(sample.images):
+        data, ext = encoded_image(image, sample.id, f"images[{i}]")
+        members[f"img{i}.{ext}"] = data
+    for i, mask in enumerate(sample.masks or []):
+        data, ext = encoded_image(mask, sample.id, f"masks[{i}]")
+        if ext != "png":
+            raise SampleError(sample.id, f"masks[{i}]", f"masks must be PNG, got {ext}")
+        members[f"mask{i}.png"] = data
+    return members
+
+
+def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, max_samples: int = 1000,
+                 max_bytes: int = 512 * 2**20, prefix: str = "shard", on_error: str = "raise",
+                 progress: bool = False, total: int | None = None) -> ShardIndex:
+    """Validate and write samples to size-capped tar shards in `out_dir`, then write `index.json`.
+
+    `on_error="raise"` stops at the first unusable sample with a message naming it and the field;
+    `"skip"` records `{id, error}` in the index's `skipped` list and logs a summary.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[ShardInfo] = []
+    skipped: list[dict[str, str]] = []
+    writer: wds.TarWriter | None = None
+    count = size = key = 0
+
+    def close_current() -> None:
+        nonlocal writer
+        if writer is not None:
+            writer.close()
+            shards[-1].count = count
+            writer = None
+
+    iterator: Iterable[Sample] = samples
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(samples, total=total, desc=f"writing shards to {out}", unit="sample")
+    for sample in iterator:
+        try:
+            sample.validate()
+            members = sample_members(sample, f"{key:09d}")
+        except SampleError as err:
+            if on_error == "raise":
+                raise
+            skipped.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+            continue
+        member_bytes = sum(len(v) for k, v in members.items() if k != "__key__")
+        if writer is None or count >= max_samples or (count and size + member_bytes > max_bytes):
+            close_current()
+            name = f"{prefix}-{len(shards):06d}.tar"
+            writer = wds.TarWriter(str(out / name), encoder=False, mtime=0.0)
+            shards.append(ShardInfo(name, 0))
+            count = size = 0
+        writer.write(members)
+        count += 1
+        size += member_bytes
+        key += 1
+    close_current()
+    if not shards:
+        raise ValueError(f"no usable samples to write to {out} ({len(skipped)} skipped)")
+    if skipped:
+        log.warning("skipped %d unusable sample(s) while writing %s; see 'skipped' in %s/%s; first: %s",
+                    len(skipped), out, out, INDEX_NAME, skipped[0])
+    index = ShardIndex(shards=shards, skipped=skipped)
+    index.save(out)
+    return index
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _raise(err: Exception) -> bool:
+    raise err
+
+
+def iter_shard(url: str, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, Sample]]:
+    """Yield `(position_in_shard, Sample)` for one tar; `keep(position)` skips parsing unwanted ones.
+
+    Images and masks stay encoded bytes: decoding belongs to the (parallel) transform step.
+    """
+    raw_samples = wds.tarfile_to_samples(handler=_raise)([{"url": url}])
+    position = 0
+    try:
+        for raw in raw_samples:
+            if keep is None or keep(position):
+                yield position, sample_from_members(raw, where=f"{url}#{raw.get('__key__')}")
+            position += 1
+    except SampleError:
+        raise
+    except Exception as err:
+        raise IOError(f"cannot read shard {url} after {position} sample(s): {err}") from err
+
+
+def sample_from_members(raw: dict[str, bytes], where: str) -> Sample:
+    if "json" not in raw:
+        raise SampleError(str(raw.get("__key__", "?")), "json", "member is missing", where)
+    try:
+        data = json.loads(raw["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SampleError(str(raw.get("__key__", "?")), "json", f"malformed: {err}", where) from None
+    images: dict[int, bytes] = {}
+    masks: dict[int, bytes] = {}
+    for name, value in raw.items():
+        if (match := _IMAGE_MEMBER.match(name)) is not None:
+            images[int(match.group(1))] = value
+        elif (match := _MASK_MEMBER.match(name)) is not None:
+            masks[int(match.group(1))] = value
+    ordered_masks = [masks[i] for i in sorted(masks)] if masks else None
+    return Sample.from_metadata(data, [images[i] for i in sorted(images)], ordered_masks, where=where)
+
+
+def read_samples(location: str | Path, limit: int | None = None) -> Iterator[Sample]:
+    """All samples of a shard directory in index order (for evaluation and tools, not training)."""
+    produced = 0
+    for shard in load_index(location).shards:
+        for _, sample in iter_shard(shard.url):
+            if limit is not None and produced >= limit:
+                return
+            yield sample
+            produced += 1

@@ -1,0 +1,77 @@
+"""LLaVA instruction JSON (`llava_v1_5_mix665k.json` and everything shaped like it) -> `Sample`s.
+
+Input: a JSON list of `{"id", "image"?: "coco/train2017/x.jpg", "conversations": [{"from": "human"|"gpt",
+"value": ...}]}`. The `<image>` placeholder is moved to the front of its turn, as LLaVA's
+`preprocess_multimodal` does; images stay paths and are read (and checked) by the shard writer.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.templates import move_image_first
+
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def load_json_list(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON list (or JSON Lines) file with errors that name the file and position."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: malformed JSON line ({err.msg})") from None
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: malformed JSON at line {err.lineno} column {err.colno} ({err.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+    return data
+
+
+def llava_record_to_sample(record: dict[str, Any], image_folder: str | Path | None, source: str = "llava") -> Sample:
+    sample_id = str(record.get("id", "?"))
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise SampleError(sample_id, "conversations", "is missing or empty")
+    messages = []
+    for i, turn in enumerate(conversations):
+        role = ROLE_NAMES.get(str(turn.get("from", "")).lower())
+        if role is None or not isinstance(turn.get("value"), str):
+            raise SampleError(sample_id, f"conversations[{i}]", f"needs 'from' in {sorted(ROLE_NAMES)} and a string "
+                                                                f"'value', got {turn!r:.120}")
+        messages.append({"role": role, "content": move_image_first(turn["value"])})
+    images = record.get("image") or []
+    if isinstance(images, str):
+        images = [images]
+    folder = Path(image_folder) if image_folder else None
+    paths = [str(folder / name) if folder else str(name) for name in images]
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if paths and placeholders == 0:
+        raise SampleError(sample_id, "conversations", f"has {len(paths)} image(s) but no {IMAGE_PLACEHOLDER} placeholder")
+    meta = {"source": source}
+    for key in ("task", "category", "source_dataset"):
+        if key in record:
+            meta[key] = record[key]
+    return Sample(id=sample_id, messages=messages, images=paths, meta=meta)
+
+
+def read_llava_json(json_path: str | Path, image_folder: str | Path | None = None,
+                    errors: list[dict[str, str]] | None = None) -> Iterator[Sample]:
+    """Yield samples; with `errors` given, unusable records are appended there instead of raising."""
+    for record in load_json_list(json_path):
+        try:
+            yield llava_record_to_sample(record, image_folder)
+        except SampleError as err:
+            if errors is None:
+                raise SampleError(err.sample_id, err.field_name, err.problem, str(json_path)) from None
+            errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})

@@ -1,0 +1,65 @@
+"""Lightning callbacks that report evaluation numbers during `fit`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from vlsafe.data.shards import read_samples
+from vlsafe.eval.answers import AnswerReport, evaluate_answers
+
+
+class AnswerAccuracy(L.Callback):
+    """Held-out closed-set answer accuracy before and after training (and every `every_n_epochs`).
+
+    Reads up to `max_samples` samples from `path` (a shard directory; default: the data module's first
+    validation source), prints a one-line summary, logs `heldout/accuracy` and writes
+    `<log_dir>/answer_accuracy.json` with the before/after numbers.
+    """
+
+    def __init__(self, path: str | None = None, max_samples: int = 200, generate: bool = True,
+                 every_n_epochs: int = 0, batch_size: int = 16):
+        self.path = path
+        self.max_samples = max_samples
+        self.generate = generate
+        self.every_n_epochs = every_n_epochs
+        self.batch_size = batch_size
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def _samples(self, trainer: L.Trainer):
+        path = self.path
+        if path is None:
+            sources = getattr(trainer.datamodule, "sources", {}).get("validate") or []
+            if not sources:
+                raise ValueError("AnswerAccuracy needs `path` or a data module with validation data")
+            path = sources[0].path
+        return list(read_samples(path, limit=self.max_samples))
+
+    def _run(self, trainer: L.Trainer, module: L.LightningModule, when: str) -> AnswerReport:
+        report = evaluate_answers(module.vlm, module.processor, self._samples(trainer), generate=self.generate,
+                                  batch_size=self.batch_size)
+        self.results[when] = {"accuracy": report.accuracy, "chance": report.chance, "exact_match": report.exact_match,
+                              "n": report.n, "per_task": {k: v for k, v in report.per_task.items()}}
+        if trainer.is_global_zero:
+            print(f"[held-out, {when}] {report.summary()}", flush=True)
+        return report
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run(trainer, pl_module, "before training")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            report = self._run(trainer, pl_module, f"epoch {trainer.current_epoch}")
+            pl_module.log("heldout/accuracy", report.accuracy)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        report = self._run(trainer, pl_module, "after training")
+        for logger in trainer.loggers:
+            logger.log_metrics({"heldout/accuracy": report.accuracy, "heldout/exact_match": report.exact_match},
+                               step=trainer.global_step)
+        if trainer.is_global_zero and trainer.log_dir:
+            out = Path(trainer.log_dir) / "answer_accuracy.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(self.results, indent=1))

@@ -1,0 +1,1 @@
+"""One LightningModule per method, all over the shared VLM core."""

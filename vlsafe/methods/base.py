@@ -1,0 +1,158 @@
+"""What every method module shares: building the core, trainability, optimiser and schedule, generation.
+
+Methods subclass `VLMModule` and add their loss, metrics and `data_encoder(stage)`. Hyperparameters are
+stored as plain data (the builder's `config()`), so checkpoints load with `torch.load(weights_only=True)`
+and `Module.load_from_checkpoint(path)` rebuilds the same model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+
+from vlsafe.core.builders import VLMBuilder
+from vlsafe.core.lora import LoraSettings, count_parameters, enable_gradient_checkpointing, set_trainable
+from vlsafe.core.vlm import VLM
+from vlsafe.data.processor import VLMProcessor
+
+
+@dataclass
+class OptimSettings:
+    """AdamW with LLaVA-style parameter groups and a warmup + decay schedule stepped per optimiser step.
+
+    `projector_lr` / `vision_lr` give those modules their own learning rate (LLaVA-1.5 LoRA: 2e-4 for the
+    LLM adapters, 2e-5 for the projector). Biases and norm weights get no weight decay.
+    """
+
+    lr: float = 2e-5
+    projector_lr: float | None = None
+    vision_lr: float | None = None
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class GenerationSettings:
+    """Defaults for `generate` (greedy unless `do_sample`)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    num_beams: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _as(cls, value):
+    if value is None or isinstance(value, cls):
+        return value
+    return cls(**value)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    """Multiplier for step `s`: linear warmup to 1, then cosine/linear decay to `min_ratio`, or constant."""
+    if schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"unknown schedule {schedule!r}; use cosine, linear or constant")
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * decay
+
+    return factor
+
+
+class VLMModule(L.LightningModule):
+    """A LightningModule that owns one VLM core and its processor."""
+
+    def __init__(self, vlm: VLMBuilder, lora: LoraSettings | None = None, train_vision: bool = False,
+                 train_projector: bool = True, train_llm: bool = True, gradient_checkpointing: bool = False,
+                 optim: OptimSettings | None = None, generation: GenerationSettings | None = None):
+        super().__init__()
+        builder = vlm if isinstance(vlm, VLMBuilder) else VLMBuilder.from_config(vlm)
+        self.lora = _as(LoraSettings, lora)
+        self.optim = _as(OptimSettings, optim) or OptimSettings()
+        self.generation = _as(GenerationSettings, generation) or GenerationSettings()
+        self.save_hyperparameters({
+            "vlm": builder.config(), "lora": asdict(self.lora) if self.lora else None, "train_vision": train_vision,
+            "train_projector": train_projector, "train_llm": train_llm,
+            "gradient_checkpointing": gradient_checkpointing, "optim": asdict(self.optim),
+            "generation": asdict(self.generation), **self.extra_hparams()})
+        self.vlm, self.processor = builder.build()
+        set_trainable(self.vlm, train_vision=train_vision, train_projector=train_projector, train_llm=train_llm,
+                      lora=self.lora)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.vlm, vision=train_vision)
+
+    def extra_hparams(self) -> dict[str, Any]:
+        """Subclasses add their own constructor arguments here (plain data only)."""
+        return {}
+
+    # ------------------------------------------------------------------ data
+    def data_encoder(self, stage: str):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optimisation
+    def _param_groups(self) -> list[dict[str, Any]]:
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+        for name, param in self.vlm.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = "projector" if name.startswith("projector.") else "vision" if name.startswith("vision.") else "llm"
+            decay = param.ndim >= 2 and "norm" not in name.lower()
+            groups.setdefault((part, decay), []).append(param)
+        lrs = {"llm": self.optim.lr, "projector": self.optim.projector_lr or self.optim.lr,
+               "vision": self.optim.vision_lr or self.optim.lr}
+        return [{"params": params, "lr": lrs[part], "weight_decay": self.optim.weight_decay if decay else 0.0,
+                 "name": f"{part}{'' if decay else '_no_decay'}"} for (part, decay), params in groups.items()]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = self._param_groups()
+        if not groups:
+            raise ValueError("nothing to train: every parameter is frozen (check train_* flags and lora)")
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = self.optim.warmup_steps if self.optim.warmup_steps is not None else int(
+            round(self.optim.warmup_ratio * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.optim.schedule, warmup, total, self.optim.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        trainable, total = count_parameters(self.vlm)
+        self.print(f"vlsafe: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate_batch(self, batch: dict[str, Any], **overrides: Any) -> list[str]:
+        """Generate for a left-padded prompt batch (from `PromptEncoder`); returns decoded responses."""
+        settings = {**asdict(self.generation), **overrides}
+        extra = settings.pop("extra") or {}
+        if not settings["do_sample"]:
+            settings.pop("temperature"), settings.pop("top_p"), settings.pop("top_k")
+        elif settings.get("top_k") is None:
+            settings.pop("top_k")
+        tokenizer = self.processor.tokenizer
+        new_tokens = self.vlm.generate(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                                       pad_token_id=self.processor.pad_token_id,
+                                       eos_token_id=tokenizer.eos_token_id, **settings, **extra)
+        return [self.processor.decode(row) for row in new_tokens]
+
+    def vlm_core(self) -> VLM:
+        return self.vlm
+
+    def processor_for_eval(self) -> VLMProcessor:
+        return self.processor
