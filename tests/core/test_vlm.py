@@ -112,3 +112,22 @@ def test_text_only_batch_still_reaches_the_projector(core, tiny_vlm_builder):
     logits = vlm(batch["input_ids"], batch["attention_mask"]).logits
     logits.sum().backward()
     assert all(p.grad is not None for p in vlm.projector.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_vlm_builder):
+    from vlsafe.core.lora import enable_gradient_checkpointing
+
+    def grads(checkpointing: bool):
+        vlm, processor = tiny_vlm_builder.build()
+        set_trainable(vlm, train_vision=True)
+        if checkpointing:
+            enable_gradient_checkpointing(vlm, vision=True)
+        vlm.train()
+        batch, _ = _batch(processor, list(generate(2, seed=7)), "right")
+        vlm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and any(n.startswith("vision.") for n in plain)
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-6, rtol=1e-4)

@@ -86,3 +86,21 @@ def test_checkpoint_is_plain_data_and_reloads_identically(module, tmp_path):
         b = reloaded.vlm.eval()(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
     torch.testing.assert_close(a, b)
     assert reloaded.processor.tokenizer.get_vocab() == module.processor.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_sft_steps_under_bf16_precision(precision, tmp_path):
+    module = SFTModule(vlm=TinyVLM(hidden_size=32, intermediate_size=64), optim={"lr": 1e-3})
+    data = SyntheticWorld(root=str(tmp_path / "w"), train_samples=32, val_samples=0, batch_size=8, num_workers=0)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="cpu", precision=precision, max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[Record()])
+    trainer.fit(module, data)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    if precision == "bf16-true":
+        assert next(module.vlm.llm.parameters()).dtype == torch.bfloat16

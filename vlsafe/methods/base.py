@@ -7,6 +7,7 @@ and `Module.load_from_checkpoint(path)` rebuilds the same model.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -75,6 +76,14 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
     return factor
 
 
+def _silence_known_false_alarms() -> None:
+    """Lightning warnings that are wrong for vlsafe by design, filtered by exact message."""
+    # The frozen vision tower is kept in eval mode on purpose (no dropout/BN updates in a frozen part).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # ShardStream's len() is exact for any number of workers (it plans every worker's slice).
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
+
 class VLMModule(L.LightningModule):
     """A LightningModule that owns one VLM core and its processor."""
 
@@ -82,6 +91,7 @@ class VLMModule(L.LightningModule):
                  train_projector: bool = True, train_llm: bool = True, gradient_checkpointing: bool = False,
                  optim: OptimSettings | None = None, generation: GenerationSettings | None = None):
         super().__init__()
+        _silence_known_false_alarms()
         builder = vlm if isinstance(vlm, VLMBuilder) else VLMBuilder.from_config(vlm)
         self.lora = _as(LoraSettings, lora)
         self.optim = _as(OptimSettings, optim) or OptimSettings()
