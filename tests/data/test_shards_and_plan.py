@@ -127,3 +127,15 @@ def test_epochs_reshuffle_deterministically(shard_dir):
 def test_empty_shard_list_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shard index"):
         Source(str(tmp_path)).planned()
+
+
+def test_brace_patterns_select_shards(shard_dir, tmp_path):
+    picked = load_index(str(shard_dir / "shard-{000001..000002}.tar"))
+    assert [s.count for s in picked.shards] == [10, 10] and picked.shards[0].url.endswith("shard-000001.tar")
+    # without an index beside them, shards are counted by reading
+    import shutil
+    shutil.copy(shard_dir / "shard-000004.tar", tmp_path / "lonely-0.tar")
+    assert load_index(str(tmp_path / "lonely-{0..0}.tar")).total == 1
+    stream = ShardStream([Source(str(shard_dir / "shard-{000000..000001}.tar")).planned()], IdEncoder(),
+                         batch_size=100)
+    assert sorted(next(iter(stream))) == sorted(f"s{i}" for i in range(20))

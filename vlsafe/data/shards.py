@@ -72,9 +72,42 @@ def resolve_shard_url(base: str, url: str) -> str:
     return posixpath.join(base, url) if _is_remote(base) else str(Path(base) / url)
 
 
+def _parent(url: str) -> str:
+    return posixpath.dirname(url) if _is_remote(url) else str(Path(url).parent)
+
+
+def expand_shard_pattern(pattern: str) -> list[str]:
+    """`/data/shard-{000000..000099}.tar` -> the listed urls (brace expansion, as webdataset does)."""
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def index_for_pattern(pattern: str) -> ShardIndex:
+    """Shards named by a brace pattern (or one tar): counts from the index.json beside them if there is one,
+    otherwise counted by reading each shard once."""
+    urls = expand_shard_pattern(pattern)
+    parent = _parent(urls[0])
+    try:
+        known = {s.url: s.count for s in load_index(parent).shards}
+    except (FileNotFoundError, ValueError):
+        known = {}
+    shards = []
+    for url in urls:
+        if url not in known:
+            log.warning("no index.json entry for %s; counting its samples by reading it", url)
+        shards.append(ShardInfo(url, known[url] if url in known else sum(1 for _ in iter_shard(url))))
+    return ShardIndex(shards=shards)
+
+
 def load_index(location: str | Path) -> ShardIndex:
-    """Read `index.json` from a shard directory (or the index file itself) and resolve shard urls."""
+    """Read `index.json` from a shard directory (or the index file itself) and resolve shard urls.
+
+    A `.tar` path or brace pattern (`shard-{000000..000009}.tar`) selects those shards instead.
+    """
     location = str(location)
+    if location.endswith(".tar") or ("{" in location and ".." in location):
+        return index_for_pattern(location)
     index_path = location if location.endswith(".json") else (
         posixpath.join(location, INDEX_NAME) if _is_remote(location) else str(Path(location) / INDEX_NAME))
     base = posixpath.dirname(index_path) if _is_remote(index_path) else str(Path(index_path).parent)
