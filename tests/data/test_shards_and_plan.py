@@ -139,3 +139,37 @@ def test_brace_patterns_select_shards(shard_dir, tmp_path):
     stream = ShardStream([Source(str(shard_dir / "shard-{000000..000001}.tar")).planned()], IdEncoder(),
                          batch_size=100)
     assert sorted(next(iter(stream))) == sorted(f"s{i}" for i in range(20))
+
+
+def test_index_with_shell_command_urls_is_refused(shard_dir, tmp_path, monkeypatch):
+    import json
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "ran"
+    (evil / "index.json").write_text(json.dumps({"format": "vlsafe-shards/1", "shards": [
+        {"url": f"pipe:touch {marker}; cat {shard_dir / 'shard-000000.tar'}", "count": 10}]}))
+    with pytest.raises(ValueError, match="shell command"):
+        list(read_samples(evil))
+    assert not marker.exists()
+
+
+def test_skip_covers_records_that_fail_to_parse(tmp_path):
+    import tarfile
+    import io
+    write_shards([text_sample(0), text_sample(1), text_sample(2)], tmp_path / "s")
+    tar_path = tmp_path / "s" / "shard-000000.tar"
+    members = []
+    with tarfile.open(tar_path) as tar:
+        for info in tar.getmembers():
+            data = tar.extractfile(info).read()
+            if info.name.startswith("000000001"):
+                data = data.replace(b'"num_images": 0', b'"num_images": 1')  # promises an image it lacks
+            members.append((info, data))
+    with tarfile.open(tar_path, "w") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(SampleError, match=r"sample 's1', field 'images'"):
+        list(read_samples(tmp_path / "s"))
+    stream = ShardStream([Source(str(tmp_path / "s")).planned()], IdEncoder(), batch_size=8, on_error="skip")
+    assert next(iter(stream)) == ["s0", "s2"]

@@ -120,3 +120,9 @@ def test_image_preprocessing_pads_with_mean_colour(tokenizer):
 def test_move_image_first():
     assert move_image_first("What is this? <image>") == "<image>\nWhat is this?"
     assert move_image_first("no image") == "no image"
+
+
+def test_overlong_prompt_is_an_error_not_a_silent_cut(tokenizer):
+    processor = VLMProcessor(tokenizer, "vicuna_v1", image_size=32, num_image_tokens=4, max_length=30)
+    with pytest.raises(SampleError, match="losing the generation prompt"):
+        processor.encode_prompt([{"role": "user", "content": "Describe the image. " * 10}], "p1")

@@ -104,3 +104,21 @@ def test_sft_steps_under_bf16_precision(precision, tmp_path):
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     if precision == "bf16-true":
         assert next(module.vlm.llm.parameters()).dtype == torch.bfloat16
+
+
+def test_sft_from_an_exported_llava_hf_folder_trains_in_train_mode(tmp_path):
+    """LlavaHF builder end to end: export a tiny model, rebuild it through the recipe builder, train a step."""
+    from vlsafe.core.builders import LlavaHF
+    from vlsafe.core.interop import export_llava_hf
+
+    vlm, processor = TinyVLM(hidden_size=32, intermediate_size=64).build()
+    export_llava_hf(vlm, processor.tokenizer, tmp_path / "llava-hf")
+    module = SFTModule(vlm=LlavaHF(path=str(tmp_path / "llava-hf"), max_length=256), gradient_checkpointing=True)
+    assert module.vlm.llm.training and module.vlm.projector.training and not module.vlm.vision.training
+    assert module.processor.num_image_tokens == vlm.num_image_tokens
+    data = SyntheticWorld(root=str(tmp_path / "w"), train_samples=16, val_samples=0, batch_size=4, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)
+    trainer.fit(module, data)
+    assert trainer.global_step == 2
+    assert any(getattr(m, "gradient_checkpointing", False) for m in module.vlm.llm.modules())

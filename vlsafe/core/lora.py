@@ -53,7 +53,11 @@ def set_trainable(vlm: VLM, *, train_vision: bool = False, train_projector: bool
 
 def enable_gradient_checkpointing(vlm: VLM, vision: bool = True) -> None:
     """Trade compute for memory in the LLM (and the vision tower if it trains)."""
-    vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    llm = vlm.llm
+    if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     vlm.llm.config.use_cache = False
     if vision and hasattr(vlm.vision, "set_grad_checkpointing"):
         vlm.vision.set_grad_checkpointing(True)

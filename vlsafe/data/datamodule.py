@@ -7,6 +7,7 @@ of training steps.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -76,8 +77,12 @@ class ShardStream(IterableDataset):
                  shuffle_buffer: int = 0, pad_to_equal: bool = False, on_error: str = "raise"):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        if not sources or sum(s.allotment for s in sources) == 0:
+        total = sum(s.allotment for s in sources) if sources else 0
+        if total == 0:
             raise ValueError("the shard list is empty: no samples to read")
+        if pad_to_equal and total < world_size * max(1, num_workers):
+            raise ValueError(f"{total} training sample(s) cannot be split over {world_size} rank(s) x "
+                             f"{max(1, num_workers)} dataloader worker(s); use fewer workers or more data")
         self.sources = sources
         self.encoder = encoder
         self.batch_size = batch_size
@@ -89,9 +94,19 @@ class ShardStream(IterableDataset):
         self.pad_to_equal = pad_to_equal
         self.on_error = on_error
         self.epoch = 0
+        self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Position the next iteration: `batches_done` batches of `epoch` were already trained on.
+
+        The DataLoader hands out worker batches round-robin, so worker w skips its share of them; skipped
+        samples are read (the shuffle must replay identically) but not decoded or tokenised.
+        """
+        self.epoch = epoch
+        self.skip_batches = batches_done
 
     # ------------------------------------------------------------------ sizes
     def _worker_sizes(self) -> list[int]:
@@ -118,11 +133,23 @@ class ShardStream(IterableDataset):
                           num_slots=self.world_size * self.num_workers, shuffle=self.shuffle)
         return plan[self.rank * self.num_workers + worker]
 
+    def _skip(self, err: SampleError) -> None:
+        if self.on_error == "raise":
+            raise err
+        self._skipped += 1
+        log.warning("skipping unusable sample (%d skipped so far in this worker): %s", self._skipped, err)
+
     def _raw_samples(self, pieces: list[ReadPiece]) -> Iterator[Sample]:
         for piece in pieces:
             wanted = set(piece.positions)
             produced = 0
-            for _, sample in iter_shard(piece.url, keep=wanted.__contains__):
+
+            def count_error(err: SampleError) -> None:
+                nonlocal produced
+                produced += 1
+                self._skip(err)
+
+            for _, sample in iter_shard(piece.url, keep=wanted.__contains__, on_sample_error=count_error):
                 produced += 1
                 yield sample
             if produced != len(piece.positions):
@@ -142,15 +169,11 @@ class ShardStream(IterableDataset):
         yield from buffer
 
     def _encoded(self, samples: Iterator[Sample]) -> Iterator[dict[str, Any]]:
-        skipped = 0
         for sample in samples:
             try:
                 yield self.encoder.encode(sample)
             except SampleError as err:
-                if self.on_error == "raise":
-                    raise
-                skipped += 1
-                log.warning("skipping unusable sample (%d skipped so far in this worker): %s", skipped, err)
+                self._skip(err)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -158,15 +181,20 @@ class ShardStream(IterableDataset):
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"ShardStream was planned for {self.num_workers} workers but the DataLoader "
                                f"runs {info.num_workers}")
+        self._skipped = 0
         rng = random.Random(f"shuffle-{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        items = self._encoded(self._shuffled(self._raw_samples(self._pieces(worker)), rng))
+        raw = self._shuffled(self._raw_samples(self._pieces(worker)), rng)
+        skip_batches = max(0, math.ceil((self.skip_batches - worker) / self.num_workers))
+        if skip_batches:
+            raw = itertools.islice(raw, skip_batches * self.batch_size, None)
         quota = self._quota() if self.pad_to_equal else None
-        yield from self._batches(items, quota)
+        yield from self._batches(self._encoded(raw), quota, already=skip_batches * self.batch_size)
 
-    def _batches(self, items: Iterator[dict[str, Any]], quota: int | None) -> Iterator[dict[str, Any]]:
+    def _batches(self, items: Iterator[dict[str, Any]], quota: int | None,
+                 already: int = 0) -> Iterator[dict[str, Any]]:
         batch: list[dict[str, Any]] = []
         seen: list[dict[str, Any]] = []
-        produced = 0
+        produced = already
         for item in items:
             if quota is not None and produced >= quota:
                 break
@@ -190,16 +218,26 @@ class ShardStream(IterableDataset):
 
 
 class EpochAwareLoader(DataLoader):
-    """A DataLoader that tells its stream the epoch before workers fork (Lightning only does this for
-    samplers, and an IterableDataset has none)."""
+    """A DataLoader that positions its stream before workers fork: the epoch (Lightning only tells
+    samplers, and an IterableDataset has none) and, after a mid-epoch resume, the batches already done."""
 
-    def __init__(self, dataset: ShardStream, epoch_fn, **kwargs: Any):
+    def __init__(self, dataset: ShardStream, position_fn, **kwargs: Any):
         super().__init__(dataset, batch_size=None, **kwargs)
-        self._epoch_fn = epoch_fn
+        self._position_fn = position_fn
 
     def __iter__(self):
-        self.dataset.set_epoch(self._epoch_fn())
+        self.dataset.resume_at(*self._position_fn())
         return super().__iter__()
+
+    # Lightning treats loaders with these two methods as resumable (and then does not warn that a mid-epoch
+    # resume replays data). The position itself comes from the trainer's progress counters, so the state
+    # is informational.
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self._position_fn()
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        pass
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -236,8 +274,15 @@ class ShardDataModule(L.LightningDataModule):
             self._encoders = {s: module.data_encoder(s) for s in STAGES}
             self._rank = (self.trainer.global_rank, self.trainer.world_size)
 
-    def _current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained): non-zero batches only when resuming mid-epoch."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        # `processed` counts batches whose training step ran; a checkpoint written in on_train_batch_end
+        # has not yet bumped `completed`, and Lightning resumes after the processed batches.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer.training else 0
+        return trainer.current_epoch, done
 
     def stream(self, stage: str) -> ShardStream:
         sources = self.sources[stage]
@@ -253,7 +298,8 @@ class ShardDataModule(L.LightningDataModule):
                            shuffle_buffer=self.shuffle_buffer, pad_to_equal=training, on_error=self.on_error)
 
     def _loader(self, stage: str) -> DataLoader:
-        return EpochAwareLoader(self.stream(stage), self._current_epoch, num_workers=self.num_workers,
+        position = self._position if stage == "fit" else (lambda: (self._position()[0], 0))
+        return EpochAwareLoader(self.stream(stage), position, num_workers=self.num_workers,
                                 persistent_workers=False)
 
     def train_dataloader(self) -> DataLoader:

@@ -83,8 +83,7 @@ def plan_epoch(sources: list[PlannedSource], *, epoch: int, seed: int, num_slots
     pieces = [piece for source in sources for piece in _source_pieces(source, rng)]
     if shuffle:
         rng.shuffle(pieces)
-    total = sum(len(p) for p in pieces)
-    sizes = [total // num_slots + (1 if slot < total % num_slots else 0) for slot in range(num_slots)]
+    sizes = slot_sizes(sources, num_slots)
     slots: list[list[ReadPiece]] = [[] for _ in range(num_slots)]
     slot, room = 0, sizes[0] if sizes else 0
     for piece in pieces:

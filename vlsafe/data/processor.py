@@ -132,7 +132,14 @@ class VLMProcessor:
         if messages[-1]["role"] != "user":
             raise SampleError(sample_id, "messages", "a generation prompt must end with a user turn")
         segments = self._segments(messages, sample_id, add_generation_prompt=True)
-        return self._truncate(*self._tokenize_segments(segments), sample_id, need_labels=False)
+        ids, labels = self._tokenize_segments(segments)
+        if len(ids) > self.max_length:
+            # Cutting a prompt would drop the generation prefix ("ASSISTANT:") and the model would continue
+            # the question instead of answering it.
+            raise SampleError(sample_id, "messages", f"prompt has {len(ids)} tokens, more than max_length="
+                                                     f"{self.max_length}; it cannot be truncated without losing "
+                                                     f"the generation prompt")
+        return Encoded(ids, labels)
 
     def _segments(self, messages: list[dict[str, str]], sample_id: str, add_generation_prompt: bool) -> list[Segment]:
         try:

@@ -117,11 +117,16 @@ def load_index(location: str | Path) -> ShardIndex:
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no shard index at {index_path}; write shards with tools/make_shards.py, or index existing "
-            f"WebDataset tars with `python tools/make_shards.py --index-only {location}`") from None
+            f"vlsafe tars with `python tools/make_shards.py index {location}`") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{index_path}: malformed JSON ({err})") from None
     if payload.get("format") != INDEX_FORMAT:
         raise ValueError(f"{index_path}: format {payload.get('format')!r} is not {INDEX_FORMAT!r}")
+    for entry in payload["shards"]:
+        if str(entry["url"]).startswith("pipe:") and os.environ.get("VLSAFE_ALLOW_PIPE_URLS") != "1":
+            # webdataset runs `pipe:` urls as shell commands; a downloaded index must not be able to do that.
+            raise ValueError(f"{index_path}: shard url {entry['url']!r} is a shell command (pipe:); refusing it. "
+                             f"Set VLSAFE_ALLOW_PIPE_URLS=1 if you wrote this index yourself")
     shards = [ShardInfo(resolve_shard_url(base, s["url"]), int(s["count"])) for s in payload["shards"]]
     if not shards:
         raise ValueError(f"{index_path}: lists no shards")
@@ -246,17 +251,26 @@ def _raise(err: Exception) -> bool:
     raise err
 
 
-def iter_shard(url: str, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, Sample]]:
+def iter_shard(url: str, keep: Callable[[int], bool] | None = None,
+               on_sample_error: Callable[[SampleError], None] | None = None) -> Iterator[tuple[int, Sample]]:
     """Yield `(position_in_shard, Sample)` for one tar; `keep(position)` skips parsing unwanted ones.
 
-    Images and masks stay encoded bytes: decoding belongs to the (parallel) transform step.
+    Images and masks stay encoded bytes: decoding belongs to the (parallel) transform step. A record that
+    does not parse or validate raises `SampleError`, or goes to `on_sample_error` and is left out.
     """
     raw_samples = wds.tarfile_to_samples(handler=_raise)([{"url": url}])
     position = 0
     try:
         for raw in raw_samples:
             if keep is None or keep(position):
-                yield position, sample_from_members(raw, where=f"{url}#{raw.get('__key__')}")
+                try:
+                    sample = sample_from_members(raw, where=f"{url}#{raw.get('__key__')}")
+                except SampleError as err:
+                    if on_sample_error is None:
+                        raise
+                    on_sample_error(err)
+                else:
+                    yield position, sample
             position += 1
     except SampleError:
         raise
@@ -279,7 +293,10 @@ def sample_from_members(raw: dict[str, bytes], where: str) -> Sample:
         elif (match := _MASK_MEMBER.match(name)) is not None:
             masks[int(match.group(1))] = value
     ordered_masks = [masks[i] for i in sorted(masks)] if masks else None
-    return Sample.from_metadata(data, [images[i] for i in sorted(images)], ordered_masks, where=where)
+    if not isinstance(data, dict):
+        raise SampleError(str(raw.get("__key__", "?")), "json", "must be a JSON object", where)
+    sample = Sample.from_metadata(data, [images[i] for i in sorted(images)], ordered_masks, where=where)
+    return sample.validate(where)
 
 
 def read_samples(location: str | Path, limit: int | None = None) -> Iterator[Sample]:

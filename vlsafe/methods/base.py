@@ -102,6 +102,7 @@ class VLMModule(L.LightningModule):
             "gradient_checkpointing": gradient_checkpointing, "optim": asdict(self.optim),
             "generation": asdict(self.generation), **self.extra_hparams()})
         self.vlm, self.processor = builder.build()
+        self.vlm.train()  # loaders return eval-mode models; Lightning 2.6 no longer calls .train() for us
         set_trainable(self.vlm, train_vision=train_vision, train_projector=train_projector, train_llm=train_llm,
                       lora=self.lora)
         if gradient_checkpointing:
@@ -124,8 +125,9 @@ class VLMModule(L.LightningModule):
             part = "projector" if name.startswith("projector.") else "vision" if name.startswith("vision.") else "llm"
             decay = param.ndim >= 2 and "norm" not in name.lower()
             groups.setdefault((part, decay), []).append(param)
-        lrs = {"llm": self.optim.lr, "projector": self.optim.projector_lr or self.optim.lr,
-               "vision": self.optim.vision_lr or self.optim.lr}
+        lrs = {"llm": self.optim.lr,
+               "projector": self.optim.lr if self.optim.projector_lr is None else self.optim.projector_lr,
+               "vision": self.optim.lr if self.optim.vision_lr is None else self.optim.vision_lr}
         return [{"params": params, "lr": lrs[part], "weight_decay": self.optim.weight_decay if decay else 0.0,
                  "name": f"{part}{'' if decay else '_no_decay'}"} for (part, decay), params in groups.items()]
 

@@ -40,56 +40,48 @@ class SFTModule(VLMModule):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # Token-weighted means, synced across ranks by torchmetrics (validation is not padded, so ranks may
+        # hold different numbers of tokens).
         self.metrics = torch.nn.ModuleDict({
-            f"{stage}_{name}": MeanMetric() for stage in ("train", "val", "test") for name in ("nll", "acc")})
+            f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("nll", "acc")})
 
     def data_encoder(self, stage: str):
         return PromptEncoder(self.processor) if stage == "predict" else ConversationEncoder(self.processor)
 
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
         positions, targets = supervised_positions(batch["labels"])
         output = self.vlm(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
                           logits_to_keep=positions)
-        loss, correct, n_tokens = masked_lm_loss(output.logits, targets)
-        batch_size = batch["input_ids"].shape[0]
-        nll, acc = self.metrics[f"{stage}_nll"], self.metrics[f"{stage}_acc"]
-        nll.update(loss.detach(), weight=n_tokens)
-        acc.update(correct.float() / max(n_tokens, 1), weight=n_tokens)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
-                 sync_dist=not on_step)
-        if on_step:
-            self.log("train/token_acc", correct.float() / max(n_tokens, 1), batch_size=batch_size)
-            self.log("train/tokens", float(n_tokens), batch_size=batch_size)
-        return loss
+        return masked_lm_loss(output.logits, targets)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        loss, correct, n_tokens = self._loss(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/token_acc", correct.float() / max(n_tokens, 1), batch_size=batch_size)
+        self.log("train/perplexity", torch.exp(loss.detach()), batch_size=batch_size)
+        self.log("train/supervised_tokens", float(n_tokens), batch_size=batch_size, reduce_fx="sum")
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        loss, correct, n_tokens = self._loss(batch)
+        nll, acc = self.metrics[f"{stage}_nll"], self.metrics[f"{stage}_acc"]
+        nll.update(loss, weight=n_tokens)
+        acc.update(correct.float() / max(n_tokens, 1), weight=n_tokens)
+        self.log(f"{stage}/loss", nll, prog_bar=True)
+        self.log(f"{stage}/token_acc", acc, prog_bar=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
-
-    def _log_epoch(self, stage: str) -> None:
-        nll, acc = self.metrics[f"{stage}_nll"], self.metrics[f"{stage}_acc"]
-        if nll.update_count == 0 and not self.trainer.world_size > 1:
-            return
-        mean_nll = nll.compute()
-        self.log(f"{stage}/perplexity", torch.exp(mean_nll), sync_dist=False)
-        self.log(f"{stage}/token_acc_epoch", acc.compute(), prog_bar=stage != "train", sync_dist=False)
-        nll.reset()
-        acc.reset()
-
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
+        self._eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
+        self.log("val/perplexity", torch.exp(self.metrics["val_nll"].compute()))
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+        self.log("test/perplexity", torch.exp(self.metrics["test_nll"].compute()))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         responses = self.generate_batch(batch)
