@@ -122,3 +122,20 @@ def test_sft_from_an_exported_llava_hf_folder_trains_in_train_mode(tmp_path):
     trainer.fit(module, data)
     assert trainer.global_step == 2
     assert any(getattr(m, "gradient_checkpointing", False) for m in module.vlm.llm.modules())
+
+
+def test_generate_batch_greedy_is_deterministic_and_sampling_follows_the_seed(module):
+    from vlsafe.data.encoders import PromptEncoder
+
+    encoder = PromptEncoder(module.processor)
+    batch = encoder.collate([encoder.encode(s) for s in generate(3, seed=11, kinds=["qa", "caption"])])
+    module.eval()
+    greedy = module.generate_batch(batch, max_new_tokens=8)
+    assert greedy == module.generate_batch(batch, max_new_tokens=8)
+    torch.manual_seed(0)
+    sampled_a = module.generate_batch(batch, max_new_tokens=8, do_sample=True, temperature=1.5)
+    torch.manual_seed(0)
+    sampled_b = module.generate_batch(batch, max_new_tokens=8, do_sample=True, temperature=1.5)
+    torch.manual_seed(1)
+    sampled_c = module.generate_batch(batch, max_new_tokens=8, do_sample=True, temperature=1.5)
+    assert sampled_a == sampled_b and sampled_a != sampled_c and len(sampled_a) == 3
