@@ -173,3 +173,14 @@ def test_skip_covers_records_that_fail_to_parse(tmp_path):
         list(read_samples(tmp_path / "s"))
     stream = ShardStream([Source(str(tmp_path / "s")).planned()], IdEncoder(), batch_size=8, on_error="skip")
     assert next(iter(stream)) == ["s0", "s2"]
+
+
+def test_resumed_stream_yields_only_the_rest_of_the_epoch(shard_dir):
+    stream = ShardStream([Source(str(shard_dir)).planned()], IdEncoder(), batch_size=4, shuffle=True,
+                         shuffle_buffer=8, pad_to_equal=True)
+    full = list(stream)
+    assert len(full) == len(stream) == 11  # 41 samples padded to 44
+    stream.resume_at(0, 10)
+    assert list(stream) == full[10:], "the last batch: one real sample topped up with repeats"
+    stream.resume_at(0, 4)
+    assert list(stream) == full[4:]

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import lightning as L
 import torch
@@ -184,37 +184,57 @@ class ShardStream(IterableDataset):
         self._skipped = 0
         rng = random.Random(f"shuffle-{self.seed}-{self.epoch}-{self.rank}-{worker}")
         raw = self._shuffled(self._raw_samples(self._pieces(worker)), rng)
-        skip_batches = max(0, math.ceil((self.skip_batches - worker) / self.num_workers))
-        if skip_batches:
-            raw = itertools.islice(raw, skip_batches * self.batch_size, None)
+        head = list(itertools.islice(raw, self.batch_size))  # kept to pad the epoch with, if needed
+        stream: Iterator[Sample] = itertools.chain(head, raw)
+        skipped = max(0, math.ceil((self.skip_batches - worker) / self.num_workers)) * self.batch_size
+        if skipped:
+            stream = itertools.islice(stream, skipped, None)
         quota = self._quota() if self.pad_to_equal else None
-        yield from self._batches(self._encoded(raw), quota, already=skip_batches * self.batch_size)
+        yield from self._batches(self._encoded(stream), quota, skipped, lambda: list(self._encoded(iter(head))))
 
-    def _batches(self, items: Iterator[dict[str, Any]], quota: int | None,
-                 already: int = 0) -> Iterator[dict[str, Any]]:
+    def _batches(self, items: Iterator[dict[str, Any]], quota: int | None, already: int,
+                 padding: Callable[[], list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        """Full batches; with a quota, stop at it or top up to it by repeating the worker's first samples
+        (so every DDP rank runs the same number of steps)."""
+        if quota is not None:
+            budget = max(0, quota - already)  # samples this worker still owes the epoch
+            counted = _Counted(itertools.islice(items, budget), keep=self.batch_size)
+            items = itertools.chain(counted, _padding(counted, budget, padding))
         batch: list[dict[str, Any]] = []
-        seen: list[dict[str, Any]] = []
-        produced = already
         for item in items:
-            if quota is not None and produced >= quota:
-                break
             batch.append(item)
-            produced += 1
-            if quota is not None and len(seen) < self.batch_size:
-                seen.append(item)
             if len(batch) == self.batch_size:
                 yield self.encoder.collate(batch)
                 batch = []
-        if quota is not None and produced < quota:
-            if not seen:
-                raise RuntimeError("this worker produced no usable samples to pad its epoch with")
-            for i in range(quota - produced):  # repeat samples so every rank runs the same number of steps
-                batch.append(seen[i % len(seen)])
-                if len(batch) == self.batch_size:
-                    yield self.encoder.collate(batch)
-                    batch = []
         if batch:
             yield self.encoder.collate(batch)
+
+
+class _Counted:
+    """Iterator wrapper that counts the items going through and keeps the first `keep` of them."""
+
+    def __init__(self, items: Iterator[Any], keep: int):
+        self.items, self.count, self.keep, self.first = items, 0, keep, []
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.items:
+            self.count += 1
+            if len(self.first) < self.keep:
+                self.first.append(item)
+            yield item
+
+
+def _padding(counted: _Counted, needed: int, head: Callable[[], list[Any]]) -> Iterator[Any]:
+    """After `counted` is exhausted, repeat the epoch's first samples (`head()`, the same whether or not the
+    run resumed mid-epoch; or, if none of those encode, the first items that did) until `needed` items."""
+    missing = needed - counted.count
+    if missing <= 0:
+        return
+    samples = head() or counted.first
+    if not samples:
+        raise RuntimeError("this dataloader worker has no usable samples to pad its epoch with")
+    for i in range(missing):
+        yield samples[i % len(samples)]
 
 
 class EpochAwareLoader(DataLoader):
