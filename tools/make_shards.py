@@ -2,6 +2,8 @@
 """Write WebDataset shards (+ index.json) that every vlsafe recipe reads.
 
     python tools/make_shards.py llava --json llava_v1_5_mix665k.json --images /data/llava --out shards/mix665k
+    python tools/make_shards.py mmsafe-po --config config_train.json --keywords train --images /data/mmsafe \
+        --out shards/mmsafe-po                                  # or: --json train.json [blind.json ...]
     python tools/make_shards.py synthetic --out shards/world --n 10000 --kinds qa safety negative
     python tools/make_shards.py index shards/mix665k        # rebuild index.json from the tars
 
@@ -40,6 +42,22 @@ def cmd_llava(args) -> None:
     _write(read_llava_json(args.json, args.images, errors), args, errors)
 
 
+def cmd_mmsafe_po(args) -> None:
+    from collections import Counter
+
+    from vlsafe.data.sources.mmsafe_po import load_keyword_index, read_mmsafe_po
+
+    if args.config is None and args.keywords:
+        raise SystemExit("error: --keywords selects entries of --config; give --config too")
+    if args.config is not None and not args.keywords:
+        raise SystemExit("error: --config needs --keywords (e.g. --keywords train)")
+    paths = load_keyword_index(args.config, args.keywords) if args.config is not None else args.json
+    errors = [] if args.on_error == "skip" else None
+    stats: Counter = Counter()
+    _write(read_mmsafe_po(paths, args.images, errors, stats), args, errors)
+    print("mmsafe-po: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
+
+
 def cmd_synthetic(args) -> None:
     from vlsafe.data.synthetic import WorldConfig, generate
 
@@ -76,6 +94,16 @@ def main(argv: list[str] | None = None) -> None:
     llava.add_argument("--images", default=None, help="folder the 'image' paths are relative to")
     writer_args(llava)
     llava.set_defaults(func=cmd_llava)
+
+    mmsafe = sub.add_parser("mmsafe-po", help="MMSafe-PO (BPO) preference JSON + image folder")
+    mmsafe_inputs = mmsafe.add_mutually_exclusive_group(required=True)
+    mmsafe_inputs.add_argument("--json", nargs="+", help="released JSON list/JSONL file(s), concatenated in order")
+    mmsafe_inputs.add_argument("--config", default=None,
+                               help="keyword index {keyword: json path} (the released config_train.json)")
+    mmsafe.add_argument("--keywords", nargs="+", default=None, help="keywords of --config to concatenate, in order")
+    mmsafe.add_argument("--images", required=True, help="folder the 'image' file names are relative to")
+    writer_args(mmsafe)
+    mmsafe.set_defaults(func=cmd_mmsafe_po)
 
     synthetic = sub.add_parser("synthetic", help="the synthetic shapes world")
     synthetic.add_argument("--n", type=int, default=1000)

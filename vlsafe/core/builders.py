@@ -216,3 +216,50 @@ def save_pretrained_parts(vlm: VLM, processor: VLMProcessor, out_dir: str | Path
     out.mkdir(parents=True, exist_ok=True)
     processor.tokenizer.save_pretrained(out / "tokenizer")
     return out
+
+
+class FromCheckpoint(VLMBuilder):
+    """Start from a vlsafe training checkpoint, e.g. the SFT model that preference training continues.
+
+    The checkpoint's own builder rebuilds the architecture and tokenizer; its `vlm.*` weights are loaded
+    on top, and a LoRA adapter it was trained with is merged (or kept with `merge_lora: false`).
+    `train_if_missing` names a recipe to run first when `path` does not exist yet; that recipe must
+    write its checkpoint to `path` (the demo recipes do).
+    """
+
+    def __init__(self, path: str, merge_lora: bool = True, train_if_missing: str | None = None):
+        self.path, self.merge_lora, self.train_if_missing = path, merge_lora, train_if_missing
+
+    def _train_first(self) -> None:
+        import subprocess
+        import sys
+
+        print(f"vlsafe: {self.path} does not exist; training it first with {self.train_if_missing}", flush=True)
+        subprocess.run([sys.executable, "-m", "vlsafe.cli", self.train_if_missing], check=True)
+        if not Path(self.path).exists():
+            raise FileNotFoundError(f"{self.train_if_missing} finished but did not write {self.path}; point "
+                                    f"FromCheckpoint.path at the checkpoint that recipe saves")
+
+    def build(self) -> tuple[VLM, VLMProcessor]:
+        from vlsafe.core.lora import LoraSettings, apply_lora
+
+        if not Path(self.path).exists():
+            if not self.train_if_missing:
+                raise FileNotFoundError(f"checkpoint {self.path} does not exist (set train_if_missing to a recipe "
+                                        f"that produces it)")
+            self._train_first()
+        checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if "vlm" not in hparams:
+            raise ValueError(f"{self.path} is not a vlsafe checkpoint (no 'vlm' hyperparameters)")
+        vlm, processor = VLMBuilder.from_config(hparams["vlm"]).build()
+        if hparams.get("lora"):
+            apply_lora(vlm, LoraSettings(**hparams["lora"]))
+        state = {k[len("vlm."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("vlm.")}
+        missing, unexpected = vlm.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{self.path}: weights do not match the rebuilt model (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+        if hparams.get("lora") and self.merge_lora:
+            vlm.llm = vlm.llm.merge_and_unload()
+        return vlm.eval(), processor

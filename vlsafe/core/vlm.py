@@ -45,12 +45,18 @@ class VLM(nn.Module):
         return self.llm.config
 
     # ------------------------------------------------------------------ building blocks
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, num_image_tokens, llm_hidden)."""
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, num_image_tokens, vision_hidden), without autograd when the tower is frozen."""
         vision_trainable = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable):
-            features = self.vision(pixel_values.to(self.vision_dtype))
-        return self.projector(features.to(self.projector_dtype))
+            return self.vision(pixel_values.to(self.vision_dtype))
+
+    def project(self, vision_features: torch.Tensor) -> torch.Tensor:
+        return self.projector(vision_features.to(self.projector_dtype))
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, num_image_tokens, llm_hidden)."""
+        return self.project(self.vision_features(pixel_values))
 
     @property
     def vision_dtype(self) -> torch.dtype:

@@ -71,3 +71,61 @@ class PromptEncoder:
         batch["references"] = [i["reference"] for i in items]
         batch["meta"] = [i["meta"] for i in items]
         return batch
+
+
+PREFERENCE_RESPONSES = ("chosen", "rejected", "blind")
+
+
+class PreferenceEncoder:
+    """Preference pairs: one prompt, several responses, labels on the final response only.
+
+    A batch holds the sequences grouped by response (all chosen, then all rejected, then all blind),
+    right-padded together, plus each sample's images once. Reference log-probs stored in the sample
+    (`labels["ref_logp_<response>"]`, written by tools/precompute_reference.py) ride along when present.
+    """
+
+    def __init__(self, processor: VLMProcessor, responses: tuple[str, ...] = ("chosen", "rejected")):
+        unknown = set(responses) - set(PREFERENCE_RESPONSES)
+        if unknown or responses[:2] != ("chosen", "rejected"):
+            raise ValueError(f"responses must start with ('chosen', 'rejected') and use {PREFERENCE_RESPONSES}")
+        self.processor = processor
+        self.responses = tuple(responses)
+
+    def encode(self, sample: Sample) -> dict[str, Any]:
+        from vlsafe.core.vlm import IGNORE_INDEX
+        from vlsafe.data.schema import SampleError
+
+        messages, _ = split_reference(sample)
+        texts = {}
+        for name in self.responses:
+            text = getattr(sample, name)
+            if text is None or not text.strip():
+                raise SampleError(sample.id, name, "is missing; preference training needs it")
+            texts[name] = text
+        if texts["chosen"].strip() == texts["rejected"].strip():
+            raise SampleError(sample.id, "rejected", "is identical to chosen; the pair carries no preference")
+        prompt_length = len(self.processor.encode_prompt(messages, sample.id).input_ids)
+        sequences = {}
+        for name, text in texts.items():
+            encoded = self.processor.encode_conversation(messages + [{"role": "assistant", "content": text}],
+                                                         sample.id)
+            labels = [IGNORE_INDEX] * prompt_length + encoded.labels[prompt_length:]
+            if all(label == IGNORE_INDEX for label in labels):
+                raise SampleError(sample.id, name, f"no response tokens left within max_length="
+                                                   f"{self.processor.max_length}")
+            sequences[name] = (encoded.input_ids, labels)
+        reference = {name: sample.labels.get(f"ref_logp_{name}") for name in self.responses}
+        return {"id": sample.id, "sequences": sequences, "reference": reference, "meta": sample.meta,
+                "pixel_values": self.processor.preprocess_images(sample.images, sample.id)}
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [item["sequences"][name][0] for name in self.responses for item in items]
+        labels = [item["sequences"][name][1] for name in self.responses for item in items]
+        batch = self.processor.collate_text(ids, labels, "right")
+        batch["pixel_values"] = stack_images(items, self.processor)
+        batch["ids"] = [item["id"] for item in items]
+        batch["responses"] = list(self.responses)
+        values = [[item["reference"][name] for item in items] for name in self.responses]
+        batch["ref_logps"] = (torch.tensor(values, dtype=torch.float32)
+                              if all(v is not None for row in values for v in row) else None)
+        return batch

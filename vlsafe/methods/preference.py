@@ -1,0 +1,220 @@
+"""Preference optimisation for VLMs: the DPO family and Blind Preference Optimization (MMSafe-PO).
+
+BPO adds the *blind* response (what the base model answers without the image) as an extra rejected
+answer. Two forms are supported:
+- `blind: rows` (what the released code trains): blind pairs are extra rows of the dataset, i.e. shards
+  whose `rejected` is the blind answer, mixed in as a second source; the module itself is plain DPO.
+- `blind: sum`: every sample carries `blind`, and the loss is L(y_w, y_l) + L(y_w, y_blind).
+
+Efficiency: the image of a sample is encoded once and its features are reused for every response
+sequence, and all responses run through the LLM in one concatenated forward pass. With a frozen
+tower the vision features are also shared between the policy and the reference.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torchmetrics import MeanMetric, MetricCollection
+
+from vlsafe.core.lora import is_peft
+from vlsafe.core.vlm import IGNORE_INDEX, VLM
+from vlsafe.data.encoders import PreferenceEncoder, PromptEncoder
+from vlsafe.methods.base import VLMModule
+from vlsafe.methods.losses import LOSS_TYPES, implicit_rewards, preference_loss, response_logprobs
+from vlsafe.methods.sft import supervised_positions
+
+REFERENCE_MODES = ("copy", "adapter", "precomputed")
+BLIND_MODES = ("off", "rows", "sum")
+_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+          "logps/rejected", "rewards/blind", "rewards/blind_accuracies", "rewards/blind_margins", "logps/blind")
+
+
+def _stat_collection(with_blind: bool) -> MetricCollection:
+    names = [n for n in _STATS if with_blind or "blind" not in n]
+    return MetricCollection({n.replace("/", "_"): MeanMetric() for n in names})
+
+
+class PreferenceModule(VLMModule):
+    """DPO / IPO / cDPO / hinge (+ optional SFT term on chosen, RPO-style) with BPO's blind responses.
+
+    - `reference`: `copy` (a frozen copy of the starting model), `adapter` (the same model with its LoRA
+      adapter disabled and the starting projector; needs `lora`), or `precomputed` (log-probs stored in
+      the shards by tools/precompute_reference.py). All three give the same loss.
+    - `average_logprob`: length-normalised response log-probs instead of sums (the paper uses sums).
+    - `share_image_features`: encode each image once per sample (default); off = once per sequence,
+      as TRL does, kept for benchmarking.
+    """
+
+    def __init__(self, *args: Any, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 sft_weight: float = 0.0, blind: str = "off", reference: str = "copy",
+                 average_logprob: bool = False, share_image_features: bool = True, **kwargs: Any):
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
+        if blind not in BLIND_MODES:
+            raise ValueError(f"unknown blind mode {blind!r}; choose one of {BLIND_MODES}")
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"unknown reference {reference!r}; choose one of {REFERENCE_MODES}")
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.sft_weight, self.blind, self.reference_mode = sft_weight, blind, reference
+        self.average_logprob, self.share_image_features = average_logprob, share_image_features
+        super().__init__(*args, **kwargs)
+        if reference == "adapter" and not is_peft(self.vlm.llm):
+            raise ValueError("reference='adapter' needs a LoRA adapter (set `lora`); use reference='copy' for "
+                             "full fine-tuning")
+        self.reference_vlm: VLM | None = None
+        self.reference_projector: torch.nn.Module | None = None
+        if reference == "copy":
+            self.reference_vlm = self._frozen_copy()
+        elif reference == "adapter":
+            self.reference_projector = copy.deepcopy(self.vlm.projector).requires_grad_(False).eval()
+        self.strict_loading = False  # the reference is rebuilt from the builder, never saved
+        with_blind = blind == "sum"
+        self.metrics = torch.nn.ModuleDict({f"{stage}_stats": _stat_collection(with_blind) for stage in ("train", "val")})
+
+    def extra_hparams(self) -> dict[str, Any]:
+        return {"beta": self.beta, "loss_type": self.loss_type, "label_smoothing": self.label_smoothing,
+                "sft_weight": self.sft_weight, "blind": self.blind, "reference": self.reference_mode,
+                "average_logprob": self.average_logprob, "share_image_features": self.share_image_features}
+
+    def _frozen_copy(self) -> VLM:
+        """The starting model, frozen. A frozen vision tower is shared rather than copied."""
+        vision = self.vlm.vision
+        shared_vision = not any(p.requires_grad for p in vision.parameters())
+        self.vlm.vision = None
+        try:
+            reference = copy.deepcopy(self.vlm)
+        finally:
+            self.vlm.vision = vision
+        reference.vision = vision if shared_vision else copy.deepcopy(vision)
+        if is_peft(reference.llm):
+            reference.llm = reference.llm.merge_and_unload()
+        return reference.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(("reference_vlm.", "reference_projector."))]:
+            del state[key]
+
+    def train(self, mode: bool = True):
+        """The reference stays in eval mode (no dropout) whatever Lightning switches the policy to."""
+        super().train(mode)
+        for name in ("reference_vlm", "reference_projector"):
+            if self._modules.get(name) is not None:
+                self._modules[name].eval()
+        return self
+
+    # ------------------------------------------------------------------ data
+    @property
+    def responses(self) -> tuple[str, ...]:
+        return ("chosen", "rejected", "blind") if self.blind == "sum" else ("chosen", "rejected")
+
+    def data_encoder(self, stage: str):
+        if stage == "predict":
+            return PromptEncoder(self.processor)
+        return PreferenceEncoder(self.processor, self.responses)
+
+    # ------------------------------------------------------------------ log-probs
+    def _features(self, pixel_values: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(policy features, vision features) for all k response groups; images encoded once when sharing."""
+        if pixel_values is None or pixel_values.numel() == 0:
+            return None, None
+        if not self.share_image_features:
+            return self.vlm.encode_images(pixel_values.repeat(k, 1, 1, 1)), None
+        vision = self.vlm.vision_features(pixel_values)
+        return self.vlm.project(vision).repeat(k, 1, 1), vision
+
+    def _logps(self, vlm: VLM, batch: dict[str, Any], features: torch.Tensor | None) -> torch.Tensor:
+        positions, targets = supervised_positions(batch["labels"])
+        logits = vlm(batch["input_ids"], batch["attention_mask"], image_features=features,
+                     logits_to_keep=positions).logits
+        return response_logprobs(logits, targets, IGNORE_INDEX, average=self.average_logprob)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, Any], vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference log-probs, shape (k * B,), in the batch's sequence order."""
+        k = len(batch["responses"])
+        if self.reference_mode == "precomputed":
+            if batch.get("ref_logps") is None:
+                raise ValueError("reference='precomputed' but the batch has no ref_logp_* labels; write them with "
+                                 "tools/precompute_reference.py")
+            return batch["ref_logps"].to(self.device).reshape(-1)
+        pixels = batch.get("pixel_values")
+        has_images = pixels is not None and pixels.numel() > 0
+        if self.reference_mode == "copy":
+            reference = self.reference_vlm
+            if has_images:
+                shared = vision_features is not None and reference.vision is self.vlm.vision
+                vision = vision_features if shared else reference.vision_features(pixels)
+                features = reference.project(vision).repeat(k, 1, 1)
+            else:
+                features = None
+            return self._logps(reference, batch, features)
+        features = None
+        if has_images:
+            vision = vision_features if vision_features is not None else self.vlm.vision_features(pixels)
+            features = self.reference_projector(vision.to(self.vlm.projector_dtype)).repeat(k, 1, 1)
+        with self.vlm.llm.disable_adapter():
+            return self._logps(self.vlm, batch, features)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        k = len(batch["responses"])
+        features, vision = self._features(batch.get("pixel_values"), k)
+        policy = self._logps(self.vlm, batch, features).view(k, -1)
+        reference = self.reference_logps(batch, vision).view(k, -1).to(policy.dtype)
+        losses = preference_loss(self.loss_type, policy[0], policy[1], reference[0], reference[1], self.beta,
+                                 self.label_smoothing)
+        chosen_rewards = implicit_rewards(policy[0], reference[0], self.beta)
+        rejected_rewards = implicit_rewards(policy[1], reference[1], self.beta)
+        stats = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                 "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                 "rewards/margins": chosen_rewards - rejected_rewards,
+                 "logps/chosen": policy[0].detach(), "logps/rejected": policy[1].detach()}
+        if self.blind == "sum":
+            losses = losses + preference_loss(self.loss_type, policy[0], policy[2], reference[0], reference[2],
+                                              self.beta, self.label_smoothing)
+            blind_rewards = implicit_rewards(policy[2], reference[2], self.beta)
+            stats.update({"rewards/blind": blind_rewards, "logps/blind": policy[2].detach(),
+                          "rewards/blind_accuracies": (chosen_rewards > blind_rewards).float(),
+                          "rewards/blind_margins": chosen_rewards - blind_rewards})
+        loss = losses.mean()
+        if self.sft_weight:
+            loss = loss + self.sft_weight * self._chosen_nll(batch, policy[0])
+        stats["loss"] = loss.detach()
+        return loss, stats
+
+    def _chosen_nll(self, batch: dict[str, Any], chosen_logps: torch.Tensor) -> torch.Tensor:
+        """Token-mean NLL of the chosen responses (the RPO / `rpo_alpha` term)."""
+        if self.average_logprob:
+            return -chosen_logps.mean()
+        b = chosen_logps.shape[0]
+        tokens = (batch["labels"][:b, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+        return -(chosen_logps / tokens).mean()
+
+    def _log_stats(self, stats: dict[str, torch.Tensor], stage: str, batch_size: int) -> None:
+        collection = self.metrics[f"{stage}_stats"]
+        for name, value in stats.items():
+            metric = collection[name.replace("/", "_")]
+            if stage == "train":
+                self.log(f"train/{name}", metric(value), prog_bar=name in ("loss", "rewards/accuracies"),
+                         batch_size=batch_size)
+            else:
+                metric.update(value)
+                self.log(f"{stage}/{name}", metric, prog_bar=name == "rewards/accuracies", batch_size=batch_size)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, stats = self.compute_loss(batch)
+        self._log_stats(stats, "train", len(batch["ids"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        _, stats = self.compute_loss(batch)
+        self._log_stats(stats, "val", len(batch["ids"]))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        responses = self.generate_batch(batch)
+        return [{"id": i, "response": r, "reference": ref}
+                for i, r, ref in zip(batch["ids"], responses, batch["references"])]
