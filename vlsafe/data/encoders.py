@@ -84,12 +84,15 @@ class PreferenceEncoder:
     (`labels["ref_logp_<response>"]`, written by tools/precompute_reference.py) ride along when present.
     """
 
-    def __init__(self, processor: VLMProcessor, responses: tuple[str, ...] = ("chosen", "rejected")):
+    def __init__(self, processor: VLMProcessor, responses: tuple[str, ...] = ("chosen", "rejected"),
+                 require_reference: bool = False, average_logprob: bool = False):
         unknown = set(responses) - set(PREFERENCE_RESPONSES)
         if unknown or responses[:2] != ("chosen", "rejected"):
             raise ValueError(f"responses must start with ('chosen', 'rejected') and use {PREFERENCE_RESPONSES}")
         self.processor = processor
         self.responses = tuple(responses)
+        self.require_reference = require_reference
+        self.average_logprob = average_logprob
 
     def encode(self, sample: Sample) -> dict[str, Any]:
         from vlsafe.core.vlm import IGNORE_INDEX
@@ -115,8 +118,23 @@ class PreferenceEncoder:
                                                    f"{self.processor.max_length}")
             sequences[name] = (encoded.input_ids, labels)
         reference = {name: sample.labels.get(f"ref_logp_{name}") for name in self.responses}
+        if self.require_reference:
+            self._check_reference(sample, reference)
         return {"id": sample.id, "sequences": sequences, "reference": reference, "meta": sample.meta,
                 "pixel_values": self.processor.preprocess_images(sample.images, sample.id)}
+
+    def _check_reference(self, sample: Sample, reference: dict[str, float | None]) -> None:
+        from vlsafe.data.schema import SampleError
+
+        for name, value in reference.items():
+            if value is None:
+                raise SampleError(sample.id, f"labels.ref_logp_{name}", "is missing; reference='precomputed' needs "
+                                                                        "shards written by tools/precompute_reference.py")
+        written_with = (sample.meta.get("reference") or {}).get("average_logprob")
+        if written_with is not None and bool(written_with) != self.average_logprob:
+            raise SampleError(sample.id, "meta.reference.average_logprob",
+                              f"reference log-probs were computed with average_logprob={written_with} but the "
+                              f"module uses {self.average_logprob}")
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         ids = [item["sequences"][name][0] for name in self.responses for item in items]

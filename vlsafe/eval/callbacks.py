@@ -15,13 +15,14 @@ class AnswerAccuracy(L.Callback):
     """Held-out closed-set answer accuracy before and after training (and every `every_n_epochs`).
 
     Reads up to `max_samples` samples from `path` (a shard directory; default: the data module's first
-    validation source), prints a one-line summary, logs `heldout/accuracy` and writes
+    validation source; or, with `synthetic_samples`, fresh held-out synthetic qa scenes), prints a one-line summary, logs `heldout/accuracy` and writes
     `<log_dir>/answer_accuracy.json` with the before/after numbers.
     """
 
     def __init__(self, path: str | None = None, max_samples: int = 200, generate: bool = True,
-                 every_n_epochs: int = 0, batch_size: int = 16):
+                 every_n_epochs: int = 0, batch_size: int = 16, synthetic_samples: int = 0):
         self.path = path
+        self.synthetic_samples = synthetic_samples
         self.max_samples = max_samples
         self.generate = generate
         self.every_n_epochs = every_n_epochs
@@ -29,6 +30,11 @@ class AnswerAccuracy(L.Callback):
         self.results: dict[str, dict[str, Any]] = {}
 
     def _samples(self, trainer: L.Trainer):
+        if self.synthetic_samples:
+            from vlsafe.data.synthetic import generate as synthetic
+
+            return list(synthetic(min(self.synthetic_samples, self.max_samples), seed=0, kinds=["qa"],
+                                  split="heldout"))
         path = self.path
         if path is None:
             sources = getattr(trainer.datamodule, "sources", {}).get("validate") or []

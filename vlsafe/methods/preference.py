@@ -31,6 +31,28 @@ _STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "r
           "logps/rejected", "rewards/blind", "rewards/blind_accuracies", "rewards/blind_margins", "logps/blind")
 
 
+def sequence_logps(vlm: VLM, batch: dict[str, Any], features: torch.Tensor | None,
+                   average: bool = False) -> torch.Tensor:
+    """Response log-probs of every sequence in a `PreferenceEncoder` batch, shape (k * B,).
+
+    `features` are the image features for all k response groups (k copies of the per-sample features).
+    Only positions that predict response tokens go through the LM head.
+    """
+    positions, targets = supervised_positions(batch["labels"])
+    logits = vlm(batch["input_ids"], batch["attention_mask"], image_features=features,
+                 logits_to_keep=positions).logits
+    return response_logprobs(logits, targets, IGNORE_INDEX, average=average)
+
+
+@torch.no_grad()
+def batch_reference_logps(vlm: VLM, batch: dict[str, Any], average: bool = False) -> torch.Tensor:
+    """(k, B) log-probs of a frozen model on a `PreferenceEncoder` batch: what `reference: precomputed` reads."""
+    k = len(batch["responses"])
+    pixels = batch.get("pixel_values")
+    features = vlm.encode_images(pixels).repeat(k, 1, 1) if pixels is not None and pixels.numel() else None
+    return sequence_logps(vlm, batch, features, average).view(k, -1)
+
+
 def _stat_collection(with_blind: bool) -> MetricCollection:
     names = [n for n in _STATS if with_blind or "blind" not in n]
     return MetricCollection({n.replace("/", "_"): MeanMetric() for n in names})
@@ -114,7 +136,8 @@ class PreferenceModule(VLMModule):
     def data_encoder(self, stage: str):
         if stage == "predict":
             return PromptEncoder(self.processor)
-        return PreferenceEncoder(self.processor, self.responses)
+        return PreferenceEncoder(self.processor, self.responses, require_reference=self.reference_mode == "precomputed",
+                                 average_logprob=self.average_logprob)
 
     # ------------------------------------------------------------------ log-probs
     def _features(self, pixel_values: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -127,10 +150,7 @@ class PreferenceModule(VLMModule):
         return self.vlm.project(vision).repeat(k, 1, 1), vision
 
     def _logps(self, vlm: VLM, batch: dict[str, Any], features: torch.Tensor | None) -> torch.Tensor:
-        positions, targets = supervised_positions(batch["labels"])
-        logits = vlm(batch["input_ids"], batch["attention_mask"], image_features=features,
-                     logits_to_keep=positions).logits
-        return response_logprobs(logits, targets, IGNORE_INDEX, average=self.average_logprob)
+        return sequence_logps(vlm, batch, features, self.average_logprob)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, Any], vision_features: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Generate blind (image-free) responses with a base model over preference shards, for BPO.
+
+    python tools/blind_generate.py --input shards/mmsafe-po --out shards/mmsafe-po-blind \\
+        --model runs/sft/last.ckpt --model-type ckpt --form rows
+    python tools/blind_generate.py --input shards/mmsafe-po --out shards/mmsafe-po-blind-field \\
+        --model /models/llava-1.5-7b-hf --model-type llava-hf --prompt-source blind_prompt --form field
+
+The blind prompt is the sample's prompt with every <image> removed (default), or with --prompt-source
+blind_prompt MMSafe-PO's text-only prompt naming the entity (meta["blind_messages"] / meta["blind_prompt"]).
+Generation is greedy and batched. --form field sets each sample's `blind`; --form rows writes BPO's extra
+rows (rejected = blind response, id + "-blind", meta["pair"] = "blind"), skipping a row whose blind
+response equals `chosen`. Mix rows-form output with the original shards as a second source.
+
+Resumable: output shard k covers input samples [k * --max-samples, (k + 1) * --max-samples); finished
+shards are recorded in progress.json and a re-run of the same command continues after them.
+index.json is written when every input sample is done.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+IDENTICAL = "blind response identical to chosen; row left out"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlsafe.data.blind import BLIND_FORMS, PROMPT_SOURCES, add_model_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="preference shard folder (with index.json), tar or pattern")
+    parser.add_argument("--out", required=True, help="output folder for shard-*.tar, progress.json and index.json")
+    add_model_arguments(parser)
+    parser.add_argument("--prompt-source", choices=PROMPT_SOURCES, default="prompt",
+                        help="prompt: the sample's prompt without <image> (default); blind_prompt: "
+                             "meta.blind_messages / meta.blind_prompt (MMSafe-PO text_prompt)")
+    parser.add_argument("--form", choices=BLIND_FORMS, default="field",
+                        help="field: set `blind` (default); rows: BPO extra rows with rejected = blind response")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
+    parser.add_argument("--max-samples", type=int, default=1000,
+                        help="input samples per output shard (default 1000)")
+    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                        help="stop at the first unusable sample (default) or skip it and list it in index.json")
+    parser.add_argument("--stop-after-shards", type=int, default=None, metavar="N",
+                        help="stop after N output shards as if interrupted (testing/debugging)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace):
+    from vlsafe.data.blind import (ChunkResult, absolute, generate_blind_responses, load_frozen_model,
+                                   run_chunked, same_response, skipped_row, with_blind)
+
+    for flag in ("batch_size", "max_new_tokens", "max_samples"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.stop_after_shards is not None and args.stop_after_shards < 1:
+        raise ValueError(f"--stop-after-shards must be >= 1, got {args.stop_after_shards}")
+    from vlsafe.data.shards import load_index
+
+    load_index(args.input)  # bad input fails here, before a (large) model is loaded
+    vlm, processor = load_frozen_model(args.model, args.model_type, args.template, args.device, args.dtype)
+
+    def process(items):
+        skipped = []
+
+        def on_sample_error(err):
+            if args.on_error == "raise":
+                raise err
+            skipped.append(skipped_row(err))
+
+        samples = [sample for _, sample in items]
+        responses = generate_blind_responses(vlm, processor, samples, args.batch_size, args.max_new_tokens,
+                                             args.prompt_source, on_sample_error)
+        out = []
+        for sample, response in zip(samples, responses):
+            if response is None:
+                continue
+            if not response.strip():
+                skipped.append({"id": sample.id, "field": "blind", "error": "the generated blind response is empty"})
+                continue
+            if args.form == "rows" and same_response(response, sample.chosen):
+                skipped.append({"id": sample.id, "field": "rejected",
+                                "error": IDENTICAL})
+                continue
+            out.append(with_blind(sample, response, args.form))
+        return ChunkResult(out, skipped)
+
+    settings = {"tool": "blind_generate", "input": absolute(args.input), "model": absolute(args.model),
+                "model_type": args.model_type, "template": args.template, "dtype": args.dtype,
+                "prompt_source": args.prompt_source, "form": args.form, "batch_size": args.batch_size,
+                "max_new_tokens": args.max_new_tokens}
+    summary = run_chunked(args.input, args.out, process, chunk_size=args.max_samples, settings=settings,
+                          on_error=args.on_error, stop_after=args.stop_after_shards, progress=not args.no_progress,
+                          desc="blind responses")
+    state = "wrote" if summary.finished else "stopped early (--stop-after-shards); so far wrote"
+    resumed = f" ({summary.resumed_chunks} chunk(s) kept from an earlier run)" if summary.resumed_chunks else ""
+    identical = sum(row["error"] == IDENTICAL for row in summary.skipped)
+    print(f"{state} {summary.written} samples in {summary.shards} shard(s) to {args.out}"
+          f"{resumed}; skipped {len(summary.skipped)}"
+          + (f" ({identical} because the blind response equals chosen)" if identical else ""))
+    for row in summary.skipped[:10]:
+        print(f"  skipped {row['id']}: {row['field']}: {row['error']}")
+    if len(summary.skipped) > 10:
+        print(f"  ... and {len(summary.skipped) - 10} more (listed in {args.out}/index.json when finished)")
+    if not summary.finished:
+        print("re-run the same command without --stop-after-shards to continue")
+    return summary
+
+
+def main(argv: list[str] | None = None):
+    from vlsafe.data.schema import SampleError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (SampleError, ValueError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Compute reference log-probs once with a frozen model, for `PreferenceModule(reference="precomputed")`.
+
+    python tools/precompute_reference.py --input shards/mmsafe-po --out shards/mmsafe-po-ref \\
+        --model runs/sft/last.ckpt --model-type ckpt
+    python tools/precompute_reference.py --input shards/bpo-field --out shards/bpo-field-ref \\
+        --model /models/llava-1.5-7b-hf --model-type llava-hf --responses chosen rejected blind
+
+Every output sample is the input sample with labels["ref_logp_chosen"], ["ref_logp_rejected"] (and
+["ref_logp_blind"] with --responses chosen rejected blind) set, computed with the same PreferenceEncoder
+batches and log-prob code the copy-mode reference uses, plus meta["reference"] naming the model and
+whether the log-probs are sums or (--average-logprob) means; that must match the training run's
+`average_logprob`. The reference model must be the model preference training starts from.
+
+Resumable like tools/blind_generate.py: output shard k covers input samples [k * --max-samples,
+(k + 1) * --max-samples); re-running the same command continues after the finished shards.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlsafe.data.blind import add_model_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="preference shard folder (with index.json), tar or pattern")
+    parser.add_argument("--out", required=True, help="output folder for shard-*.tar, progress.json and index.json")
+    add_model_arguments(parser)
+    parser.add_argument("--responses", nargs="+", default=["chosen", "rejected"],
+                        help="responses to score: chosen rejected [blind] (default: chosen rejected)")
+    parser.add_argument("--average-logprob", action="store_true",
+                        help="length-normalised (mean) log-probs instead of sums; match the training run")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
+    parser.add_argument("--max-samples", type=int, default=1000,
+                        help="input samples per output shard (default 1000)")
+    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                        help="stop at the first unusable sample (default) or skip it and list it in index.json")
+    parser.add_argument("--stop-after-shards", type=int, default=None, metavar="N",
+                        help="stop after N output shards as if interrupted (testing/debugging)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace):
+    from vlsafe.data.blind import ChunkResult, absolute, load_frozen_model, run_chunked, skipped_row
+    from vlsafe.data.reference import check_responses, reference_logps, with_reference
+
+    for flag in ("batch_size", "max_samples"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.stop_after_shards is not None and args.stop_after_shards < 1:
+        raise ValueError(f"--stop-after-shards must be >= 1, got {args.stop_after_shards}")
+    responses = check_responses(args.responses)
+    from vlsafe.data.shards import load_index
+
+    load_index(args.input)  # bad input fails here, before a (large) model is loaded
+    vlm, processor = load_frozen_model(args.model, args.model_type, args.template, args.device, args.dtype)
+    provenance = {"model": str(args.model), "model_type": args.model_type, "dtype": args.dtype,
+                  "average_logprob": bool(args.average_logprob), "responses": list(responses)}
+
+    def process(items):
+        skipped = []
+
+        def on_sample_error(err):
+            if args.on_error == "raise":
+                raise err
+            skipped.append(skipped_row(err))
+
+        samples = [sample for _, sample in items]
+        logps = reference_logps(vlm, processor, samples, responses, args.batch_size, args.average_logprob,
+                                on_sample_error)
+        out = [with_reference(sample, values, provenance) for sample, values in zip(samples, logps)
+               if values is not None]
+        return ChunkResult(out, skipped)
+
+    settings = {"tool": "precompute_reference", "input": absolute(args.input), "model": absolute(args.model),
+                "model_type": args.model_type, "template": args.template, "dtype": args.dtype,
+                "responses": list(responses), "average_logprob": bool(args.average_logprob),
+                "batch_size": args.batch_size}
+    summary = run_chunked(args.input, args.out, process, chunk_size=args.max_samples, settings=settings,
+                          on_error=args.on_error, stop_after=args.stop_after_shards, progress=not args.no_progress,
+                          desc="reference log-probs")
+    state = "wrote" if summary.finished else "stopped early (--stop-after-shards); so far wrote"
+    resumed = f" ({summary.resumed_chunks} chunk(s) kept from an earlier run)" if summary.resumed_chunks else ""
+    print(f"{state} {summary.written} samples with {', '.join('ref_logp_' + r for r in responses)} in "
+          f"{summary.shards} shard(s) to {args.out}{resumed}; skipped {len(summary.skipped)}")
+    for row in summary.skipped[:10]:
+        print(f"  skipped {row['id']}: {row['field']}: {row['error']}")
+    if len(summary.skipped) > 10:
+        print(f"  ... and {len(summary.skipped) - 10} more (listed in {args.out}/index.json when finished)")
+    if not summary.finished:
+        print("re-run the same command without --stop-after-shards to continue")
+    return summary
+
+
+def main(argv: list[str] | None = None):
+    from vlsafe.data.schema import SampleError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (SampleError, ValueError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

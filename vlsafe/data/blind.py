@@ -1,0 +1,398 @@
+"""Blind (image-free) responses for BPO, and the resumable chunked shard runner the offline tools share.
+
+BPO (MMSafe-PO) adds what the *base* model answers without seeing the image as an extra rejected
+response. `blind_messages` builds that image-free prompt, `generate_blind_responses` runs greedy batched
+generation on it, and `with_blind` turns a sample and its blind response into a training record:
+
+- `field`: the sample with `blind` set (for `PreferenceModule(blind="sum")`);
+- `rows`: BPO's released form, an extra row whose `rejected` is the blind response (id suffixed
+  `-blind`, `meta["pair"] = "blind"`), to be mixed with the original rows (`blind: rows`).
+
+`run_chunked` processes a shard set in order, input chunk by input chunk, writing one output shard per
+chunk (temp name + rename) and a progress file, so an interrupted run continues where it stopped and
+gives byte-identical shards to an uninterrupted one. tools/blind_generate.py and
+tools/precompute_reference.py are thin CLIs over this module and `vlsafe.data.reference`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from vlsafe.data.encoders import PromptEncoder, split_reference
+from vlsafe.data.processor import VLMProcessor
+from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+
+PROMPT_SOURCES = ("prompt", "blind_prompt")
+BLIND_FORMS = ("field", "rows")
+MODEL_TYPES = ("ckpt", "llava-hf", "llava-original")
+BLIND_ROW_SUFFIX = "-blind"
+PROGRESS_NAME = "progress.json"
+PROGRESS_FORMAT = "vlsafe-chunked-progress/1"
+
+_SPACES = re.compile(r"[ \t]+")
+
+
+# ---------------------------------------------------------------------------------------- models
+def load_frozen_model(path: str, model_type: str = "ckpt", template: str | None = None,
+                      device: str | torch.device = "cpu", dtype: str | None = None):
+    """`(vlm, processor)` of a frozen model in eval mode: a vlsafe checkpoint or a LLaVA folder.
+
+    `model_type`: `ckpt` (a vlsafe Lightning checkpoint, `FromCheckpoint`), `llava-hf`
+    (`LlavaForConditionalGeneration` folder, `LlavaHF`) or `llava-original` (haotian-liu layout,
+    `LlavaOriginal`). `template` overrides the chat template the builder chose; `dtype` (e.g. `bf16`)
+    casts the model after loading.
+    """
+    from vlsafe.core.builders import FromCheckpoint, LlavaHF, LlavaOriginal, resolve_dtype
+    from vlsafe.data.templates import get_template
+
+    torch_dtype = resolve_dtype(dtype)
+
+    builders = {"ckpt": FromCheckpoint, "llava-hf": LlavaHF, "llava-original": LlavaOriginal}
+    if model_type not in builders:
+        raise ValueError(f"unknown model type {model_type!r}; choose one of {MODEL_TYPES}")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"model {path} does not exist")
+    vlm, processor = builders[model_type](path).build()
+    if template:
+        processor.template = get_template(template)
+    vlm = vlm.to(device=device, dtype=torch_dtype) if torch_dtype is not None else vlm.to(device)
+    return vlm.eval().requires_grad_(False), processor
+
+
+def add_model_arguments(parser) -> None:
+    """The model flags both offline tools share."""
+    parser.add_argument("--model", required=True, help="checkpoint file (ckpt) or model folder (llava-*)")
+    parser.add_argument("--model-type", choices=MODEL_TYPES, default="ckpt",
+                        help="ckpt = vlsafe Lightning checkpoint (default); llava-hf = LlavaForConditionalGeneration "
+                             "folder; llava-original = haotian-liu/LLaVA checkpoint")
+    parser.add_argument("--template", default=None, help="override the chat template (e.g. vicuna_v1, llava_v1)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, help="cast the model after loading: bf16, fp16 or fp32")
+
+
+# ---------------------------------------------------------------------------------------- prompts
+def strip_image_placeholders(text: str) -> str:
+    """Remove every `<image>` and tidy the whitespace it leaves; lines without one are left untouched.
+
+    `"<image>\\nWhat is this?"` -> `"What is this?"`; `"Look at <image> here"` -> `"Look at here"`; a line
+    holding only placeholders disappears.
+    """
+    if IMAGE_PLACEHOLDER not in text:
+        return text.strip()
+    lines = []
+    for line in text.split("\n"):
+        if IMAGE_PLACEHOLDER not in line:
+            lines.append(line)
+            continue
+        rest = line.replace(IMAGE_PLACEHOLDER, " ")
+        if rest.strip():
+            lines.append(_SPACES.sub(" ", rest).strip())
+    return "\n".join(lines).strip()
+
+
+def blind_messages(sample: Sample, source: str = "prompt") -> list[dict[str, str]]:
+    """The image-free prompt (ending with a user turn) the base model answers for `sample`.
+
+    - `source="prompt"`: the sample's prompt (`split_reference`) with every `<image>` removed;
+    - `source="blind_prompt"`: `meta["blind_messages"]` if present, else one user turn `meta["blind_prompt"]`
+      (MMSafe-PO's text-only prompt naming the entity). A sample without either raises `SampleError`.
+    """
+    if source == "prompt":
+        messages, _ = split_reference(sample)
+        field_name = "messages"
+    elif source == "blind_prompt":
+        if sample.meta.get("blind_messages"):
+            messages, field_name = sample.meta["blind_messages"], "meta.blind_messages"
+        elif isinstance(sample.meta.get("blind_prompt"), str) and sample.meta["blind_prompt"].strip():
+            messages, field_name = [{"role": "user", "content": sample.meta["blind_prompt"]}], "meta.blind_prompt"
+        else:
+            raise SampleError(sample.id, "meta.blind_prompt", "is missing (and so is meta.blind_messages); "
+                                                              "use --prompt-source prompt for this data")
+    else:
+        raise ValueError(f"unknown prompt source {source!r}; choose one of {PROMPT_SOURCES}")
+    if not isinstance(messages, list) or not messages:
+        raise SampleError(sample.id, field_name, "must be a non-empty list of {role, content}")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+            raise SampleError(sample.id, f"{field_name}[{i}]", "must be a dict with 'role' and a string 'content'")
+        content = strip_image_placeholders(message["content"])
+        if not content:
+            raise SampleError(sample.id, f"{field_name}[{i}]", f"is empty once {IMAGE_PLACEHOLDER} is removed")
+        out.append({"role": message["role"], "content": content})
+    if out[-1]["role"] != "user":
+        raise SampleError(sample.id, field_name, "the blind prompt must end with a user turn")
+    return out
+
+
+def blind_prompt_sample(sample: Sample, source: str = "prompt") -> Sample:
+    """A text-only copy of `sample` whose messages are the blind prompt (no images, no responses)."""
+    return Sample(id=sample.id, messages=blind_messages(sample, source), meta=sample.meta)
+
+
+# ---------------------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate_blind_responses(vlm, processor: VLMProcessor, samples: Sequence[Sample], batch_size: int = 8,
+                             max_new_tokens: int = 256, source: str = "prompt",
+                             on_sample_error: Callable[[SampleError], None] | None = None) -> list[str | None]:
+    """Greedy responses to each sample's blind prompt, in order, `batch_size` left-padded prompts at a time.
+
+    Batches are `PromptEncoder` batches of the image-free prompts, so the model sees no image tokens and
+    no pixels. Deterministic: same model, samples and batch size -> same strings. A sample whose blind
+    prompt cannot be built raises `SampleError`, or, with `on_sample_error`, is reported there and gets
+    `None` (the others are batched as if it were not there).
+    """
+    from vlsafe.core.vlm import IMAGE_TOKEN_INDEX
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(vlm.parameters()).device
+    encoder = PromptEncoder(processor)
+    items: list[dict[str, Any] | None] = []
+    for sample in samples:
+        try:
+            item = encoder.encode(blind_prompt_sample(sample, source))
+            if IMAGE_TOKEN_INDEX in item["input_ids"] or item["pixel_values"].numel():
+                raise SampleError(sample.id, "messages", "the blind prompt still holds an image")  # defensive
+            items.append(item)
+        except SampleError as err:
+            if on_sample_error is None:
+                raise
+            on_sample_error(err)
+            items.append(None)
+    usable = [i for i, item in enumerate(items) if item is not None]
+    out: list[str | None] = [None] * len(items)
+    for start in range(0, len(usable), batch_size):
+        rows = usable[start:start + batch_size]
+        batch = encoder.collate([items[i] for i in rows])
+        new_tokens = vlm.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), None,
+                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=processor.pad_token_id,
+                                  eos_token_id=processor.tokenizer.eos_token_id)
+        for i, row in zip(rows, new_tokens):
+            out[i] = processor.decode(row)
+    return out
+
+
+def same_response(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and a.strip() == b.strip()
+
+
+def with_blind(sample: Sample, response: str, form: str = "field") -> Sample:
+    """A copy of `sample` carrying its blind response.
+
+    `field`: `blind = response`. `rows`: BPO's extra row, `rejected = response`, id + `-blind`,
+    `meta["pair"] = "blind"` and `blind` unset. Raises `SampleError` for an empty response and, in rows
+    form, for a response identical to `chosen` (such a pair carries no preference).
+    """
+    if form not in BLIND_FORMS:
+        raise ValueError(f"unknown form {form!r}; choose one of {BLIND_FORMS}")
+    if not isinstance(response, str) or not response.strip():
+        raise SampleError(sample.id, "blind", "the generated blind response is empty")
+    out = copy.deepcopy(sample)
+    if form == "field":
+        out.blind = response
+        return out
+    if same_response(response, sample.chosen):
+        raise SampleError(sample.id, "rejected", "the blind response is identical to chosen; the pair carries "
+                                                 "no preference")
+    out.id = f"{sample.id}{BLIND_ROW_SUFFIX}"
+    out.rejected = response
+    out.blind = None
+    out.meta = {**out.meta, "pair": "blind"}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- chunked runner
+@dataclass
+class ChunkResult:
+    """What `process` returns for one input chunk: output samples (in order) and skipped rows."""
+
+    samples: list[Sample]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class RunSummary:
+    written: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    shards: int = 0  # output shards so far, this run and earlier ones
+    new_chunks: int = 0  # input chunks finished by this run
+    resumed_chunks: int = 0  # input chunks an earlier run had finished
+    finished: bool = False
+    out_dir: str = ""
+
+
+def absolute(location: str | Path) -> str:
+    """A local path made absolute (remote urls unchanged), for recording what a run read."""
+    location = str(location)
+    return location if "://" in location or location.startswith("pipe:") else str(Path(location).resolve())
+
+
+def skipped_row(err: SampleError) -> dict[str, str]:
+    return {"id": err.sample_id, "field": err.field_name, "error": err.problem}
+
+
+def _write_tar(path: Path, samples: list[Sample], keys: list[str]) -> None:
+    import webdataset as wds
+
+    from vlsafe.data.shards import sample_members
+
+    tmp = path.with_name(path.name + ".tmp")
+    writer = wds.TarWriter(str(tmp), encoder=False, mtime=0.0)
+    try:
+        for sample, key in zip(samples, keys):
+            writer.write(sample_members(sample.validate(), key))
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+
+
+def _load_progress(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    path = out / PROGRESS_NAME
+    if not path.exists():
+        return []
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: malformed progress file ({err}); delete it to start over") from None
+    if payload.get("format") != PROGRESS_FORMAT:
+        raise ValueError(f"{path}: not a vlsafe progress file (format {payload.get('format')!r})")
+    if payload.get("settings") != settings:
+        changed = sorted(k for k in set(settings) | set(payload.get("settings", {}))
+                         if settings.get(k) != payload.get("settings", {}).get(k))
+        raise ValueError(f"{out} holds a run started with different settings ({', '.join(changed)}); use another "
+                         f"--out, or delete {path} and the shards to start over")
+    chunks = payload.get("chunks", [])
+    # keep the finished prefix whose shards are still there
+    kept = []
+    for chunk in chunks:
+        if chunk.get("url") and not (out / chunk["url"]).is_file():
+            break
+        kept.append(chunk)
+    return kept
+
+
+def _save_progress(out: Path, settings: dict[str, Any], chunks: list[dict[str, Any]]) -> None:
+    path = out / PROGRESS_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"format": PROGRESS_FORMAT, "settings": settings, "chunks": chunks}, indent=1))
+    os.replace(tmp, path)
+
+
+def run_chunked(input_location: str | Path, out_dir: str | Path,
+                process: Callable[[list[tuple[int, Sample]]], ChunkResult], *, chunk_size: int = 1000,
+                settings: dict[str, Any] | None = None, on_error: str = "raise", stop_after: int | None = None,
+                progress: bool = True, desc: str = "samples", prefix: str = "shard") -> RunSummary:
+    """Map `process` over `input_location`'s samples, `chunk_size` input samples at a time, into shards.
+
+    Output shard k holds what `process` made of input positions `[k * chunk_size, (k + 1) * chunk_size)`
+    (fewer samples when some were skipped; no shard at all when every one was). Each shard is written
+    under a temporary name and renamed, then `progress.json` records the chunk; a re-run with the same
+    `settings` keeps finished shards untouched and continues after them. `stop_after=N` stops after N
+    chunks of this run as if interrupted. `index.json` is written once every chunk is done.
+    Unreadable input records raise (`on_error="raise"`) or are recorded as skipped (`"skip"`).
+    """
+    from vlsafe.data.shards import INDEX_NAME, ShardIndex, ShardInfo, iter_shard, load_index
+
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk size (--max-samples) must be >= 1, got {chunk_size}")
+    out = Path(out_dir)
+    input_index = load_index(input_location)
+    if out.resolve() in {Path(s.url).resolve().parent for s in input_index.shards if "://" not in s.url}:
+        raise ValueError(f"--out {out} is the input's folder; write the new shards somewhere else")
+    # plain JSON data, as stored; the input's shard counts catch a changed input behind the same path
+    settings = json.loads(json.dumps({**(settings or {}), "chunk_size": chunk_size,
+                                      "input_counts": [s.count for s in input_index.shards]}))
+    out.mkdir(parents=True, exist_ok=True)
+    chunks = _load_progress(out, settings)
+    done = chunks[-1]["end"] if chunks else 0
+    total = input_index.total
+    summary = RunSummary(resumed_chunks=len(chunks), out_dir=str(out))
+    if (out / INDEX_NAME).exists() and done < total:
+        (out / INDEX_NAME).unlink()  # a stale index from another run must not describe partial output
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=min(done, total), desc=desc, unit="sample")
+
+    read_errors: list[tuple[int, dict[str, str]]] = []  # (input position, skipped row)
+    current = [0]  # the input position being parsed (iter_shard calls keep() just before parsing it)
+
+    def on_sample_error(err: SampleError) -> None:
+        read_errors.append((current[0], skipped_row(err)))
+
+    def keep_from(base: int):
+        def keep(p: int) -> bool:
+            current[0] = base + p
+            return base + p >= done
+        return keep
+
+    def positions():
+        base = 0
+        for shard in input_index.shards:
+            if base + shard.count <= done:
+                base += shard.count
+                continue
+            for position, sample in iter_shard(shard.url, keep=keep_from(base),
+                                               on_sample_error=on_sample_error if on_error == "skip" else None):
+                yield base + position, sample
+            base += shard.count
+
+    def finish_chunk(start: int, end: int, items: list[tuple[int, Sample]]) -> None:
+        result = process(items) if items else ChunkResult([])
+        skipped = [row for position, row in read_errors if position < end] + list(result.skipped)
+        read_errors[:] = [(position, row) for position, row in read_errors if position >= end]
+        name = None
+        if result.samples:
+            name = f"{prefix}-{start // chunk_size:06d}.tar"
+            keys = [f"{start:09d}-{i:06d}" for i in range(len(result.samples))]
+            _write_tar(out / name, result.samples, keys)
+        chunks.append({"start": start, "end": end, "url": name, "count": len(result.samples), "skipped": skipped})
+        _save_progress(out, settings, chunks)
+        summary.new_chunks += 1
+        if bar is not None:
+            bar.update(end - start)
+
+    pending: list[tuple[int, Sample]] = []
+    chunk_start = done
+    ran = 0
+    try:
+        stream = positions()
+        while chunk_start < total:
+            if stop_after is not None and ran >= stop_after:
+                break
+            chunk_end = min(chunk_start + chunk_size, total)
+            for position, sample in stream:
+                pending.append((position, sample))
+                if position + 1 >= chunk_end:
+                    break
+            finish_chunk(chunk_start, chunk_end, [item for item in pending if item[0] < chunk_end])
+            pending = [item for item in pending if item[0] >= chunk_end]
+            chunk_start = chunk_end
+            ran += 1
+    finally:
+        if bar is not None:
+            bar.close()
+
+    summary.written = sum(c["count"] for c in chunks)
+    summary.shards = sum(1 for c in chunks if c["url"])
+    summary.skipped = [row for c in chunks for row in c["skipped"]]
+    summary.finished = chunk_start >= total
+    if summary.finished:
+        shards = [ShardInfo(c["url"], c["count"]) for c in chunks if c["url"]]
+        if not shards:
+            raise ValueError(f"no usable samples to write to {out} ({len(summary.skipped)} skipped)")
+        ShardIndex(shards=shards, skipped=summary.skipped).save(out)
+    return summary
