@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace):
     from vlsafe.data.blind import (ChunkResult, absolute, generate_blind_responses, load_frozen_model,
-                                   run_chunked, same_response, skipped_row, with_blind)
+                                   print_run_summary, run_chunked, same_response, skipped_row, with_blind)
 
     for flag in ("batch_size", "max_new_tokens", "max_samples"):
         if getattr(args, flag) < 1:
@@ -97,18 +97,8 @@ def run(args: argparse.Namespace):
     summary = run_chunked(args.input, args.out, process, chunk_size=args.max_samples, settings=settings,
                           on_error=args.on_error, stop_after=args.stop_after_shards, progress=not args.no_progress,
                           desc="blind responses")
-    state = "wrote" if summary.finished else "stopped early (--stop-after-shards); so far wrote"
-    resumed = f" ({summary.resumed_chunks} chunk(s) kept from an earlier run)" if summary.resumed_chunks else ""
     identical = sum(row["error"] == IDENTICAL for row in summary.skipped)
-    print(f"{state} {summary.written} samples in {summary.shards} shard(s) to {args.out}"
-          f"{resumed}; skipped {len(summary.skipped)}"
-          + (f" ({identical} because the blind response equals chosen)" if identical else ""))
-    for row in summary.skipped[:10]:
-        print(f"  skipped {row['id']}: {row['field']}: {row['error']}")
-    if len(summary.skipped) > 10:
-        print(f"  ... and {len(summary.skipped) - 10} more (listed in {args.out}/index.json when finished)")
-    if not summary.finished:
-        print("re-run the same command without --stop-after-shards to continue")
+    print_run_summary(summary, "", f" ({identical} because the blind response equals chosen)" if identical else "")
     return summary
 
 

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace):
-    from vlsafe.data.blind import ChunkResult, absolute, load_frozen_model, run_chunked, skipped_row
+    from vlsafe.data.blind import (ChunkResult, absolute, load_frozen_model, print_run_summary, run_chunked,
+                                   skipped_row)
     from vlsafe.data.reference import check_responses, reference_logps, with_reference
 
     for flag in ("batch_size", "max_samples"):
@@ -85,16 +86,7 @@ def run(args: argparse.Namespace):
     summary = run_chunked(args.input, args.out, process, chunk_size=args.max_samples, settings=settings,
                           on_error=args.on_error, stop_after=args.stop_after_shards, progress=not args.no_progress,
                           desc="reference log-probs")
-    state = "wrote" if summary.finished else "stopped early (--stop-after-shards); so far wrote"
-    resumed = f" ({summary.resumed_chunks} chunk(s) kept from an earlier run)" if summary.resumed_chunks else ""
-    print(f"{state} {summary.written} samples with {', '.join('ref_logp_' + r for r in responses)} in "
-          f"{summary.shards} shard(s) to {args.out}{resumed}; skipped {len(summary.skipped)}")
-    for row in summary.skipped[:10]:
-        print(f"  skipped {row['id']}: {row['field']}: {row['error']}")
-    if len(summary.skipped) > 10:
-        print(f"  ... and {len(summary.skipped) - 10} more (listed in {args.out}/index.json when finished)")
-    if not summary.finished:
-        print("re-run the same command without --stop-after-shards to continue")
+    print_run_summary(summary, f" with {', '.join('ref_logp_' + r for r in responses)}")
     return summary
 
 

@@ -231,6 +231,20 @@ class RunSummary:
     out_dir: str = ""
 
 
+def print_run_summary(summary: RunSummary, what: str, note: str = "") -> None:
+    """The closing lines both chunked tools print: what was written, what was skipped, how to continue."""
+    state = "wrote" if summary.finished else "stopped early (--stop-after-shards); so far wrote"
+    resumed = f" ({summary.resumed_chunks} chunk(s) kept from an earlier run)" if summary.resumed_chunks else ""
+    print(f"{state} {summary.written} samples{what} in {summary.shards} shard(s) to {summary.out_dir}{resumed}; "
+          f"skipped {len(summary.skipped)}{note}")
+    for row in summary.skipped[:10]:
+        print(f"  skipped {row['id']}: {row['field']}: {row['error']}")
+    if len(summary.skipped) > 10:
+        print(f"  ... and {len(summary.skipped) - 10} more (listed in {summary.out_dir}/index.json when finished)")
+    if not summary.finished:
+        print("re-run the same command without --stop-after-shards to continue")
+
+
 def absolute(location: str | Path) -> str:
     """A local path made absolute (remote urls unchanged), for recording what a run read."""
     location = str(location)

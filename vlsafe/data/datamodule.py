@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlsafe.data.plan import PlannedSource, ReadPiece, padded_worker_quota, plan_epoch, slot_sizes

@@ -42,6 +42,7 @@ class AnswerReport:
     correct: int = 0
     exact: int = 0
     chance: float = 0.0
+    generated: bool = True
     per_task: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
 
     @property
@@ -54,8 +55,8 @@ class AnswerReport:
 
     def summary(self) -> str:
         tasks = ", ".join(f"{t} {c}/{n}" for t, (c, n) in sorted(self.per_task.items()))
-        return (f"answer accuracy {self.accuracy:.3f} (chance {self.chance:.3f}, n={self.n}); "
-                f"greedy exact match {self.exact_match:.3f}; by task: {tasks}")
+        exact = f"greedy exact match {self.exact_match:.3f}; " if self.generated else ""
+        return f"answer accuracy {self.accuracy:.3f} (chance {self.chance:.3f}, n={self.n}); {exact}by task: {tasks}"
 
 
 @torch.no_grad()
@@ -98,7 +99,7 @@ def evaluate_answers(vlm: VLM, processor: VLMProcessor, samples: Iterable[Sample
                      batch_size: int = 16) -> AnswerReport:
     """Score samples that carry `meta["answer"]` and `meta["candidates"]`; others are ignored."""
     usable = [s for s in samples if s.meta.get("candidates") and s.meta.get("answer") in s.meta["candidates"]]
-    report = AnswerReport()
+    report = AnswerReport(generated=generate)
     if not usable:
         return report
     was_training = vlm.training

@@ -46,8 +46,10 @@ class AnswerAccuracy(L.Callback):
     def _run(self, trainer: L.Trainer, module: L.LightningModule, when: str) -> AnswerReport:
         report = evaluate_answers(module.vlm, module.processor, self._samples(trainer), generate=self.generate,
                                   batch_size=self.batch_size)
-        self.results[when] = {"accuracy": report.accuracy, "chance": report.chance, "exact_match": report.exact_match,
-                              "n": report.n, "per_task": {k: v for k, v in report.per_task.items()}}
+        self.results[when] = {"accuracy": report.accuracy, "chance": report.chance, "n": report.n,
+                              "per_task": {k: v for k, v in report.per_task.items()}}
+        if self.generate:
+            self.results[when]["exact_match"] = report.exact_match
         if trainer.is_global_zero:
             print(f"[held-out, {when}] {report.summary()}", flush=True)
         return report
@@ -62,9 +64,11 @@ class AnswerAccuracy(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         report = self._run(trainer, pl_module, "after training")
+        metrics = {"heldout/accuracy": report.accuracy}
+        if self.generate:
+            metrics["heldout/exact_match"] = report.exact_match
         for logger in trainer.loggers:
-            logger.log_metrics({"heldout/accuracy": report.accuracy, "heldout/exact_match": report.exact_match},
-                               step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step)
         if trainer.is_global_zero and trainer.log_dir:
             out = Path(trainer.log_dir) / "answer_accuracy.json"
             out.parent.mkdir(parents=True, exist_ok=True)
