@@ -23,10 +23,20 @@ def run(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.Compl
     return proc
 
 
+def demo_recipe(tmp_path: Path, name: str = "sft", **replace: str) -> str:
+    """A demo recipe with its output paths moved under tmp_path (runs/ holds the user's own demo models)."""
+    text = (ROOT / f"recipes/demo/{name}.yaml").read_text()
+    for old, new in {f"runs/demo-{name}": str(tmp_path / "run"), f".cache/vlsafe/demo-{name}": str(tmp_path / "world"),
+                     **replace}.items():
+        text = text.replace(old, new)
+    path = tmp_path / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
 def small_run_args(tmp_path: Path, steps: int = 4) -> list[str]:
-    return ["--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(tmp_path / "run"),
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
-            "--data.init_args.root", str(tmp_path / "world"), "--data.init_args.train_samples", "64",
+    return ["--trainer.max_steps", str(steps), "--data.init_args.train_samples", "64",
             "--data.init_args.val_samples", "16", "--data.init_args.batch_size", "4",
             "--model.init_args.vlm.init_args.hidden_size", "32", "--model.init_args.vlm.init_args.intermediate_size", "64"]
 
@@ -56,8 +66,9 @@ def test_unknown_recipe_key_is_rejected(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_fit_then_validate_and_predict_from_the_checkpoint(tmp_path):
-    fit = run(["recipes/demo/sft.yaml", *small_run_args(tmp_path)], tmp_path)
+def test_fit_then_validate_predict_and_chain_bpo_from_the_checkpoint(tmp_path):
+    recipe = demo_recipe(tmp_path)
+    fit = run([recipe, *small_run_args(tmp_path)], tmp_path)
     assert "[held-out, before training] answer accuracy" in fit.stdout
     assert "[held-out, after training] answer accuracy" in fit.stdout
     ckpts = sorted((tmp_path / "run").rglob("last.ckpt"))
@@ -66,7 +77,7 @@ def test_fit_then_validate_and_predict_from_the_checkpoint(tmp_path):
     assert state["global_step"] == 4
     assert state["hyper_parameters"]["vlm"]["class_path"] == "vlsafe.core.builders.TinyVLM"
 
-    common = ["--config", "recipes/demo/sft.yaml", *small_run_args(tmp_path), "--ckpt_path", str(ckpts[0])]
+    common = ["--config", recipe, *small_run_args(tmp_path), "--ckpt_path", str(ckpts[0])]
     validate = run(["validate", *common], tmp_path)
     assert "val/loss" in validate.stdout
     out = tmp_path / "predictions.jsonl"
@@ -75,10 +86,21 @@ def test_fit_then_validate_and_predict_from_the_checkpoint(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 16 and {"id", "response", "reference"} <= set(rows[0])
 
+    # the BPO demo recipe chains from that SFT checkpoint
+    bpo_dir = tmp_path / "bpo"
+    bpo = demo_recipe(bpo_dir, "bpo", **{"runs/demo-sft/checkpoints/last.ckpt": str(ckpts[0]),
+                                         ".cache/vlsafe/demo-preference": str(bpo_dir / "world"),
+                                         "synthetic_samples: 200": "synthetic_samples: 12"})
+    fit = run([bpo, "--trainer.max_steps", "3", "--data.init_args.train_samples", "32", "--data.init_args.batch_size",
+               "4", "--trainer.log_every_n_steps", "1"], tmp_path)
+    assert "[held-out, before training] safety rate" in fit.stdout and "[held-out, after training] safety rate" in fit.stdout
+    metrics = next((bpo_dir / "run").rglob("metrics.csv")).read_text()
+    assert "train/rewards/accuracies" in metrics and "train/rewards/blind_margins" in metrics
+
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_run_sft_steps(tmp_path):
-    run(["recipes/demo/sft.yaml", *small_run_args(tmp_path, steps=3), "--trainer.devices", "2",
+    run([demo_recipe(tmp_path), *small_run_args(tmp_path, steps=3), "--trainer.devices", "2",
          "--trainer.strategy", "ddp", "--trainer.callbacks", "[]", "--data.init_args.num_workers", "0",
          "--trainer.log_every_n_steps", "1"], tmp_path)
     (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
