@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlsafe.data.blind import add_model_arguments
+    from vlsafe.data.blind import add_chunked_run_arguments, add_model_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="preference shard folder (with index.json), tar or pattern")
@@ -36,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--average-logprob", action="store_true",
                         help="length-normalised (mean) log-probs instead of sums; match the training run")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
-    parser.add_argument("--max-samples", type=int, default=1000,
-                        help="input samples per output shard (default 1000)")
-    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                        help="stop at the first unusable sample (default) or skip it and list it in index.json")
-    parser.add_argument("--stop-after-shards", type=int, default=None, metavar="N",
-                        help="stop after N output shards as if interrupted (testing/debugging)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_chunked_run_arguments(parser)
     return parser
 
 
@@ -91,13 +85,9 @@ def run(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None):
-    from vlsafe.data.schema import SampleError
+    from vlsafe.data.blind import run_tool
 
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (SampleError, ValueError, OSError) as err:
-        raise SystemExit(f"error: {err}") from None
+    return run_tool(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -245,6 +245,28 @@ def print_run_summary(summary: RunSummary, what: str, note: str = "") -> None:
         print("re-run the same command without --stop-after-shards to continue")
 
 
+def add_chunked_run_arguments(parser) -> None:
+    """Flags shared by the tools built on `run_chunked`: shard size, error policy, interruption, progress."""
+    parser.add_argument("--max-samples", type=int, default=1000,
+                        help="input samples per output shard (default 1000)")
+    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                        help="stop at the first unusable sample (default) or skip it and list it in index.json")
+    parser.add_argument("--stop-after-shards", type=int, default=None, metavar="N",
+                        help="stop after N output shards as if interrupted (testing/debugging)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_tool(build_parser, run, argv: list[str] | None = None):
+    """Parse arguments and run a chunked tool; bad input exits non-zero with a one-line message."""
+    from vlsafe.data.schema import SampleError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (SampleError, ValueError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def absolute(location: str | Path) -> str:
     """A local path made absolute (remote urls unchanged), for recording what a run read."""
     location = str(location)

@@ -11,7 +11,40 @@ from vlsafe.data.shards import read_samples
 from vlsafe.eval.answers import AnswerReport, evaluate_answers
 
 
-class AnswerAccuracy(L.Callback):
+class BeforeAfterEvaluation(L.Callback):
+    """Evaluate at fit start and fit end, print one line each, log the final metrics and write them to
+    `<log_dir>/<results_file>`. Subclasses implement `evaluate`."""
+
+    results_file = "evaluation.json"
+
+    def __init__(self) -> None:
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[Any, dict[str, Any], dict[str, float]]:
+        """Return (report with `.summary()`, JSON-safe record, metrics to log)."""
+        raise NotImplementedError
+
+    def _run(self, trainer: L.Trainer, module: L.LightningModule, when: str) -> dict[str, float]:
+        report, record, metrics = self.evaluate(trainer, module)
+        self.results[when] = record
+        if trainer.is_global_zero:
+            print(f"[held-out, {when}] {report.summary()}", flush=True)
+        return metrics
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run(trainer, pl_module, "before training")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = self._run(trainer, pl_module, "after training")
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if trainer.is_global_zero and trainer.log_dir:
+            out = Path(trainer.log_dir) / self.results_file
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(self.results, indent=1))
+
+
+class AnswerAccuracy(BeforeAfterEvaluation):
     """Held-out closed-set answer accuracy before and after training (and every `every_n_epochs`).
 
     Reads up to `max_samples` samples from `path` (a shard directory; default: the data module's first
@@ -21,13 +54,13 @@ class AnswerAccuracy(L.Callback):
 
     def __init__(self, path: str | None = None, max_samples: int = 200, generate: bool = True,
                  every_n_epochs: int = 0, batch_size: int = 16, synthetic_samples: int = 0):
+        super().__init__()
         self.path = path
         self.synthetic_samples = synthetic_samples
         self.max_samples = max_samples
         self.generate = generate
         self.every_n_epochs = every_n_epochs
         self.batch_size = batch_size
-        self.results: dict[str, dict[str, Any]] = {}
 
     def _samples(self, trainer: L.Trainer):
         if self.synthetic_samples:
@@ -43,33 +76,19 @@ class AnswerAccuracy(L.Callback):
             path = sources[0].path
         return list(read_samples(path, limit=self.max_samples))
 
-    def _run(self, trainer: L.Trainer, module: L.LightningModule, when: str) -> AnswerReport:
+    results_file = "answer_accuracy.json"
+
+    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[AnswerReport, dict, dict]:
         report = evaluate_answers(module.vlm, module.processor, self._samples(trainer), generate=self.generate,
                                   batch_size=self.batch_size)
-        self.results[when] = {"accuracy": report.accuracy, "chance": report.chance, "n": report.n,
-                              "per_task": {k: v for k, v in report.per_task.items()}}
+        record = {"accuracy": report.accuracy, "chance": report.chance, "n": report.n,
+                  "per_task": dict(report.per_task)}
+        metrics = {"heldout/accuracy": report.accuracy}
         if self.generate:
-            self.results[when]["exact_match"] = report.exact_match
-        if trainer.is_global_zero:
-            print(f"[held-out, {when}] {report.summary()}", flush=True)
-        return report
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._run(trainer, pl_module, "before training")
+            record["exact_match"] = metrics["heldout/exact_match"] = report.exact_match
+        return report, record, metrics
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            report = self._run(trainer, pl_module, f"epoch {trainer.current_epoch}")
-            pl_module.log("heldout/accuracy", report.accuracy)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        report = self._run(trainer, pl_module, "after training")
-        metrics = {"heldout/accuracy": report.accuracy}
-        if self.generate:
-            metrics["heldout/exact_match"] = report.exact_match
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        if trainer.is_global_zero and trainer.log_dir:
-            out = Path(trainer.log_dir) / "answer_accuracy.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(self.results, indent=1))
+            metrics = self._run(trainer, pl_module, f"epoch {trainer.current_epoch}")
+            pl_module.log("heldout/accuracy", metrics["heldout/accuracy"])

@@ -7,9 +7,7 @@ A prompt's expected behaviour comes from its metadata:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable
 
 import lightning as L
@@ -19,6 +17,7 @@ from vlsafe.data.processor import VLMProcessor
 from vlsafe.data.schema import Sample
 from vlsafe.data.shards import read_samples
 from vlsafe.eval.answers import greedy_answers
+from vlsafe.eval.callbacks import BeforeAfterEvaluation
 from vlsafe.eval.refusal import is_refusal
 
 _REFUSE_SUBSETS = {"unsafes": True, "safe_unsafes": True, "safe_safes": False}
@@ -89,7 +88,7 @@ def evaluate_safety(vlm: VLM, processor: VLMProcessor, samples: Iterable[Sample]
     return report
 
 
-class SafetyRate(L.Callback):
+class SafetyRate(BeforeAfterEvaluation):
     """Print and log the held-out safety rate before and after training.
 
     Prompts come from `path` (a shard directory) or, with `synthetic_samples > 0`, from freshly generated
@@ -98,11 +97,11 @@ class SafetyRate(L.Callback):
 
     def __init__(self, path: str | None = None, synthetic_samples: int = 0, kinds: list[str] = ("safety",),
                  max_samples: int = 200, max_new_tokens: int = 32, batch_size: int = 16):
+        super().__init__()
         if not path and synthetic_samples <= 0:
             raise ValueError("SafetyRate needs `path` or `synthetic_samples`")
         self.path, self.synthetic_samples, self.kinds = path, synthetic_samples, list(kinds)
         self.max_samples, self.max_new_tokens, self.batch_size = max_samples, max_new_tokens, batch_size
-        self.results: dict[str, dict[str, float | int]] = {}
 
     def samples(self) -> list[Sample]:
         if self.path:
@@ -112,23 +111,10 @@ class SafetyRate(L.Callback):
         return list(generate(min(self.synthetic_samples, self.max_samples), seed=0, kinds=self.kinds,
                              split="heldout"))
 
-    def _run(self, trainer: L.Trainer, module: L.LightningModule, when: str) -> SafetyReport:
+    results_file = "safety_rate.json"
+
+    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[SafetyReport, dict, dict]:
         report = evaluate_safety(module.vlm, module.processor, self.samples(), batch_size=self.batch_size,
                                  max_new_tokens=self.max_new_tokens)
-        self.results[when] = report.as_dict()
-        if trainer.is_global_zero:
-            print(f"[held-out, {when}] {report.summary()}", flush=True)
-        return report
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._run(trainer, pl_module, "before training")
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        report = self._run(trainer, pl_module, "after training")
-        for logger in trainer.loggers:
-            logger.log_metrics({"heldout/safety_rate": report.safety_rate,
-                                "heldout/over_refusal": report.over_refusal}, step=trainer.global_step)
-        if trainer.is_global_zero and trainer.log_dir:
-            out = Path(trainer.log_dir) / "safety_rate.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(self.results, indent=1))
+        return report, report.as_dict(), {"heldout/safety_rate": report.safety_rate,
+                                          "heldout/over_refusal": report.over_refusal}
