@@ -35,27 +35,19 @@ def _write(samples, args, pre_errors=None):
         print(f"  ... and {len(skipped) - 10} more (see {args.out}/index.json)")
 
 
-def cmd_llava(args) -> None:
-    from vlsafe.data.sources.llava import read_llava_json
+def _source_command(module):
+    """Run a converter from `vlsafe/data/sources/` (see that package's docstring for the protocol)."""
 
-    errors = [] if args.on_error == "skip" else None
-    _write(read_llava_json(args.json, args.images, errors), args, errors)
+    def run(args) -> None:
+        from collections import Counter
 
+        errors = [] if args.on_error == "skip" else None
+        stats: Counter = Counter()
+        _write(module.cli_samples(args, errors, stats), args, errors)
+        if stats:
+            print(f"{module.CLI_NAME}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
 
-def cmd_mmsafe_po(args) -> None:
-    from collections import Counter
-
-    from vlsafe.data.sources.mmsafe_po import load_keyword_index, read_mmsafe_po
-
-    if args.config is None and args.keywords:
-        raise SystemExit("error: --keywords selects entries of --config; give --config too")
-    if args.config is not None and not args.keywords:
-        raise SystemExit("error: --config needs --keywords (e.g. --keywords train)")
-    paths = load_keyword_index(args.config, args.keywords) if args.config is not None else args.json
-    errors = [] if args.on_error == "skip" else None
-    stats: Counter = Counter()
-    _write(read_mmsafe_po(paths, args.images, errors, stats), args, errors)
-    print("mmsafe-po: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
+    return run
 
 
 def cmd_synthetic(args) -> None:
@@ -89,21 +81,13 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                        help="stop at the first unusable sample (default) or skip and report it")
 
-    llava = sub.add_parser("llava", help="LLaVA-format JSON + image folder")
-    llava.add_argument("--json", required=True, help="LLaVA JSON list or JSONL file")
-    llava.add_argument("--images", default=None, help="folder the 'image' paths are relative to")
-    writer_args(llava)
-    llava.set_defaults(func=cmd_llava)
+    from vlsafe.data.sources import cli_sources
 
-    mmsafe = sub.add_parser("mmsafe-po", help="MMSafe-PO (BPO) preference JSON + image folder")
-    mmsafe_inputs = mmsafe.add_mutually_exclusive_group(required=True)
-    mmsafe_inputs.add_argument("--json", nargs="+", help="released JSON list/JSONL file(s), concatenated in order")
-    mmsafe_inputs.add_argument("--config", default=None,
-                               help="keyword index {keyword: json path} (the released config_train.json)")
-    mmsafe.add_argument("--keywords", nargs="+", default=None, help="keywords of --config to concatenate, in order")
-    mmsafe.add_argument("--images", required=True, help="folder the 'image' file names are relative to")
-    writer_args(mmsafe)
-    mmsafe.set_defaults(func=cmd_mmsafe_po)
+    for module in cli_sources():
+        source = sub.add_parser(module.CLI_NAME, help=module.CLI_HELP)
+        module.add_cli_arguments(source)
+        writer_args(source)
+        source.set_defaults(func=_source_command(module))
 
     synthetic = sub.add_parser("synthetic", help="the synthetic shapes world")
     synthetic.add_argument("--n", type=int, default=1000)

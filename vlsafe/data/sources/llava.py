@@ -75,3 +75,17 @@ def read_llava_json(json_path: str | Path, image_folder: str | Path | None = Non
             if errors is None:
                 raise SampleError(err.sample_id, err.field_name, err.problem, str(json_path)) from None
             errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+
+
+# ------------------------------------------------------------------------------ tools/make_shards.py
+CLI_NAME = "llava"
+CLI_HELP = "LLaVA-format JSON + image folder"
+
+
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("--json", required=True, help="LLaVA JSON list or JSONL file")
+    parser.add_argument("--images", default=None, help="folder the 'image' paths are relative to")
+
+
+def cli_samples(args, errors: list[dict[str, str]] | None, stats) -> Iterator[Sample]:
+    return read_llava_json(args.json, args.images, errors)

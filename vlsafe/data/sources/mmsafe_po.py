@@ -391,3 +391,26 @@ def load_keyword_index(config_path: str | Path, keywords: str | Iterable[str]) -
             raise ValueError(f"{config_path}: keyword {keyword!r} points at {path}, which does not exist")
         paths.append(path)
     return paths
+
+
+# ------------------------------------------------------------------------------ tools/make_shards.py
+CLI_NAME = "mmsafe-po"
+CLI_HELP = "MMSafe-PO (BPO) preference JSON + image folder"
+
+
+def add_cli_arguments(parser) -> None:
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--json", nargs="+", help="released JSON list/JSONL file(s), concatenated in order")
+    inputs.add_argument("--config", default=None,
+                        help="keyword index {keyword: json path} (the released config_train.json)")
+    parser.add_argument("--keywords", nargs="+", default=None, help="keywords of --config to concatenate, in order")
+    parser.add_argument("--images", required=True, help="folder the 'image' file names are relative to")
+
+
+def cli_samples(args, errors: list[dict[str, str]] | None, stats: MutableMapping[str, int]) -> Iterator[Sample]:
+    if args.config is None and args.keywords:
+        raise ValueError("--keywords selects entries of --config; give --config too")
+    if args.config is not None and not args.keywords:
+        raise ValueError("--config needs --keywords (e.g. --keywords train)")
+    paths = load_keyword_index(args.config, args.keywords) if args.config is not None else args.json
+    return read_mmsafe_po(paths, args.images, errors, stats)
