@@ -15,6 +15,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from vlsafe.data.datamodule import ShardDataModule
 from vlsafe.methods.base import VLMModule
+from vlsafe.ops.checkpoint_io import use_atomic_checkpoint_io
+from vlsafe.ops.preemption import PreemptionCheckpoint
+from vlsafe.ops.rng import RNGStateCheckpoint
+from vlsafe.reliability.nonfinite import NonFiniteGuard
+from vlsafe.reliability.recipe_keys import RecipeKeyError, check_recipe_keys
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -27,11 +32,29 @@ def expand_recipe_shorthand(argv: list[str]) -> list[str]:
 
 
 class VLSafeCLI(LightningCLI):
-    """LightningCLI with vlsafe's base classes, so recipes choose any method/data module by class_path."""
+    """LightningCLI with vlsafe's base classes, so recipes choose any method/data module by class_path.
+
+    Every run also gets what exact resume and preemption need (vlsafe.ops): RNG states in checkpoints, a
+    checkpoint + SLURM requeue + clean exit on SIGUSR1/SIGTERM (configurable under `preemption:`, e.g.
+    `--preemption.exit_code 143`), and atomic checkpoint writes (unless the recipe picks a checkpoint IO);
+    and a NaN/Inf guard that skips non-finite steps and stops with a checkpoint when they persist
+    (`nonfinite:`, e.g. `--nonfinite.max_consecutive 10`).
+    """
 
     def __init__(self, args: list[str] | None = None, **kwargs):
         super().__init__(VLMModule, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          save_config_kwargs={"overwrite": True}, args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # Lightning's "forced callbacks": always added, configurable under their own key.
+        parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer)
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         """With `--ckpt_path`, the model is rebuilt from the checkpoint's hyperparameters.
@@ -44,15 +67,33 @@ class VLSafeCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
-        if "vlm" not in hparams:
+        if "vlm" not in hparams and "model" not in hparams:  # "model": text-only modules (vlsafe.protector)
             return super()._parse_ckpt_path()
         class_path = self.config[subcommand]["model"]["class_path"]
         update = {subcommand: {"model": {"class_path": class_path, "init_args": dict(hparams)}}}
         self.config = self.parser.parse_object(update, self.config)
 
 
+def check_recipes(argv: list[str]) -> None:
+    """Name every unknown key of every `--config` file at once, with the closest valid key, before parsing.
+
+    jsonargparse would stop at the first one with a long type explanation; a typo in a recipe should cost
+    one glance.
+    """
+    configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    configs += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    for path in configs:
+        if Path(path).is_file():
+            try:
+                check_recipe_keys(path, raise_error=True)
+            except RecipeKeyError as err:
+                print(f"error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = expand_recipe_shorthand(list(sys.argv[1:] if argv is None else argv))
+    check_recipes(argv)
     VLSafeCLI(args=argv)
 
 

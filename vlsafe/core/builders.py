@@ -172,13 +172,16 @@ class TinyVLM(VLMBuilder):
                  vision_heads: int = 2, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                  intermediate_size: int = 128, vocab_size: int = 1024, projector: str = "mlp2x_gelu",
                  select_layer: int = -1, template: str = "vicuna_v1", max_length: int = 512, seed: int = 0,
-                 tokenizer: str | None = None):
+                 tokenizer: str | None = None, vision_pos_embed: str = "learnable"):
         self.image_size, self.patch_size = image_size, patch_size
         self.vision_width, self.vision_layers, self.vision_heads = vision_width, vision_layers, vision_heads
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.vocab_size, self.projector = intermediate_size, vocab_size, projector
         self.select_layer, self.template, self.max_length, self.seed = select_layer, template, max_length, seed
         self.tokenizer = tokenizer
+        # "sin_cos_2d" (open_clip's fixed 2-D position code) gives a random-init tower patch features that say
+        # where they are, as a pretrained CLIP's do; grounding demos need that, a random learnable table hides it.
+        self.vision_pos_embed = vision_pos_embed
 
     def build(self) -> tuple[VLM, VLMProcessor]:
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -196,7 +199,8 @@ class TinyVLM(VLMBuilder):
             tower = VisionTower.from_open_clip(
                 vision_cfg={"image_size": self.image_size, "patch_size": self.patch_size, "width": self.vision_width,
                             "layers": self.vision_layers, "head_width": self.vision_width // self.vision_heads,
-                            "mlp_ratio": 2.0},
+                            "mlp_ratio": 2.0,
+                            **({} if self.vision_pos_embed == "learnable" else {"pos_embed_type": self.vision_pos_embed})},
                 select_layer=self.select_layer)
             config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=self.hidden_size,
                                  intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,

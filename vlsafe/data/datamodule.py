@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlsafe.data.plan import PlannedSource, ReadPiece, padded_worker_quota, plan_epoch, slot_sizes
 from vlsafe.data.schema import Sample, SampleError
 from vlsafe.data.shards import iter_shard, load_index
+from vlsafe.ops.workers import ShardTracker
 
 log = logging.getLogger(__name__)
 STAGES = ("fit", "validate", "test", "predict")
@@ -94,6 +96,7 @@ class ShardStream(IterableDataset):
         self.on_error = on_error
         self.epoch = 0
         self.skip_batches = 0
+        self.tracker: ShardTracker | None = None  # set by the loader: names the shard if a worker dies
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -136,10 +139,21 @@ class ShardStream(IterableDataset):
         if self.on_error == "raise":
             raise err
         self._skipped += 1
+        self._pending_skips.append(skip_row(err))
         log.warning("skipping unusable sample (%d skipped so far in this worker): %s", self._skipped, err)
+
+    def _skip_shard_rest(self, url: str, missing: int, err: Exception) -> None:
+        """on_error='skip': a shard that cannot be read (missing, truncated) loses its remaining samples."""
+        if self.on_error == "raise":
+            raise err
+        self._skipped += missing
+        self._pending_skips.extend([{"id": "?", "field": "shard", "error": str(err), "where": url}] * missing)
+        log.error("skipping the %d unread planned sample(s) of shard %s: %s", missing, url, err)
 
     def _raw_samples(self, pieces: list[ReadPiece]) -> Iterator[Sample]:
         for piece in pieces:
+            if self.tracker is not None:
+                self.tracker.reading(piece.url)
             wanted = set(piece.positions)
             produced = 0
 
@@ -148,12 +162,15 @@ class ShardStream(IterableDataset):
                 produced += 1
                 self._skip(err)
 
-            for _, sample in iter_shard(piece.url, keep=wanted.__contains__, on_sample_error=count_error):
-                produced += 1
-                yield sample
-            if produced != len(piece.positions):
-                raise IOError(f"shard {piece.url} yielded {produced} of the {len(piece.positions)} planned samples; "
-                              f"it is shorter than its index says (truncated or replaced?)")
+            try:
+                for _, sample in iter_shard(piece.url, keep=wanted.__contains__, on_sample_error=count_error):
+                    produced += 1
+                    yield sample
+                if produced != len(piece.positions):
+                    raise IOError(f"shard {piece.url} yielded {produced} of the {len(piece.positions)} planned "
+                                  f"samples; it is shorter than its index says (truncated or replaced?)")
+            except OSError as err:
+                self._skip_shard_rest(piece.url, len(piece.positions) - produced, err)
 
     def _shuffled(self, samples: Iterator[Sample], rng: random.Random) -> Iterator[Sample]:
         if not self.shuffle or self.shuffle_buffer <= 1:
@@ -169,6 +186,8 @@ class ShardStream(IterableDataset):
 
     def _encoded(self, samples: Iterator[Sample]) -> Iterator[dict[str, Any]]:
         for sample in samples:
+            if self.tracker is not None:
+                self.tracker.encoding(sample.id)
             try:
                 yield self.encoder.encode(sample)
             except SampleError as err:
@@ -176,11 +195,14 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        # A fresh DataLoader asks its worker 0 first, but after a mid-epoch resume the next batch in round-robin
+        # order belongs to slot `skip_batches % num_workers`: rotate the slots so the batch order continues.
+        worker = ((info.id if info is not None else 0) + self.skip_batches) % self.num_workers
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"ShardStream was planned for {self.num_workers} workers but the DataLoader "
                                f"runs {info.num_workers}")
         self._skipped = 0
+        self._pending_skips: list[dict[str, str]] = []
         rng = random.Random(f"shuffle-{self.seed}-{self.epoch}-{self.rank}-{worker}")
         raw = self._shuffled(self._raw_samples(self._pieces(worker)), rng)
         head = list(itertools.islice(raw, self.batch_size))  # kept to pad the epoch with, if needed
@@ -200,13 +222,63 @@ class ShardStream(IterableDataset):
             counted = _Counted(itertools.islice(items, budget), keep=self.batch_size)
             items = itertools.chain(counted, _padding(counted, budget, padding))
         batch: list[dict[str, Any]] = []
-        for item in items:
+        full: list[dict[str, Any]] | None = None  # held until the next item is read, so skips met while
+        for item in items:                         # reading it (e.g. at the very end) ride on this batch
+            if full is not None:
+                yield self._collate(full)
+                full = None
             batch.append(item)
             if len(batch) == self.batch_size:
-                yield self.encoder.collate(batch)
-                batch = []
+                full, batch = batch, []
+        if full is not None:
+            yield self._collate(full)
         if batch:
-            yield self.encoder.collate(batch)
+            yield self._collate(batch)
+        if self._pending_skips:
+            log.warning("%d skipped sample(s) at the end of this worker's data are not in the run summary: %s",
+                        len(self._pending_skips), self._pending_skips[:3])
+
+    def _collate(self, items: list[Any]) -> Any:
+        """Collate, attaching the samples skipped since the previous batch (`SKIPPED_KEY`) for the run summary."""
+        batch = self.encoder.collate(items)
+        if self._pending_skips and isinstance(batch, dict):
+            batch[SKIPPED_KEY] = self._pending_skips
+            self._pending_skips = []
+        return batch
+
+
+SKIPPED_KEY = "skipped_samples"
+
+
+def skip_row(err: SampleError) -> dict[str, str]:
+    return {"id": err.sample_id, "field": err.field_name, "error": err.problem, "where": err.where or ""}
+
+
+class SkipReport:
+    """Run-level account of samples skipped under `on_error: skip`, per stage (train/validate/...)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[dict[str, str]]] = {}
+
+    def add(self, stage: str, rows: list[dict[str, str]]) -> None:
+        self.rows.setdefault(stage, []).extend(rows)
+
+    @property
+    def total(self) -> int:
+        return sum(len(rows) for rows in self.rows.values())
+
+    def summary(self, examples: int = 3) -> str:
+        """One line per stage: count, counts by field, and the first few samples with their errors."""
+        from collections import Counter
+
+        lines = []
+        for stage, rows in self.rows.items():
+            by_field = Counter(row["field"] for row in rows)
+            fields = ", ".join(f"{name}: {n}" for name, n in by_field.most_common())
+            lines.append(f"{stage}: skipped {len(rows)} unusable sample(s) ({fields})")
+            lines += [f"  {row['id']} [{row['field']}] {row['error']}" + (f" ({row['where']})" if row['where'] else "")
+                      for row in rows[:examples]]
+        return "\n".join(lines)
 
 
 class _Counted:
@@ -278,6 +350,9 @@ class ShardDataModule(L.LightningDataModule):
         self.on_error = on_error
         self._encoders: dict[str, SampleEncoder] = {}
         self._rank: tuple[int, int] | None = None
+        self._trackers: dict[str, ShardTracker] = {}
+        self.skip_report = SkipReport()
+        self.last_skip_report = SkipReport()  # the finished stage's report, kept after teardown
 
     def connect(self, encoders: dict[str, SampleEncoder] | SampleEncoder, rank: int = 0, world_size: int = 1) -> None:
         """Attach encoders explicitly (standalone use, tests); under a Trainer `setup` does this."""
@@ -293,6 +368,21 @@ class ShardDataModule(L.LightningDataModule):
             self._encoders = {s: module.data_encoder(s) for s in STAGES}
             self._rank = (self.trainer.global_rank, self.trainer.world_size)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Take the skipped-sample rows off the batch (the model never sees them) into the run's report."""
+        if isinstance(batch, dict) and SKIPPED_KEY in batch:
+            rows = batch.pop(SKIPPED_KEY)
+            stage = self.trainer.state.stage.value if self.trainer is not None and self.trainer.state.stage else "data"
+            self.skip_report.add(str(stage), rows)
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        """Print the run-level summary of skipped samples (each rank reads, and reports, its own slice)."""
+        if self.skip_report.total:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            log.warning("rank %d: %s", rank, self.skip_report.summary())
+        self.last_skip_report, self.skip_report = self.skip_report, SkipReport()
+
     def _position(self) -> tuple[int, int]:
         """(epoch, batches of it already trained): non-zero batches only when resuming mid-epoch."""
         trainer = self.trainer
@@ -300,7 +390,13 @@ class ShardDataModule(L.LightningDataModule):
             return 0, 0
         # `processed` counts batches whose training step ran; a checkpoint written in on_train_batch_end
         # has not yet bumped `completed`, and Lightning resumes after the processed batches.
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer.training else 0
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if trainer.training and progress.is_last_batch:
+            # The epoch's last batch is done (resuming from a checkpoint written at it): the next batch is the
+            # first of the next epoch. Lightning asks for the iterator before it advances `current_epoch` and
+            # resets the batch counters, so count epochs started instead.
+            return trainer.fit_loop.epoch_progress.current.started, 0
+        done = progress.current.processed if trainer.training else 0
         return trainer.current_epoch, done
 
     def stream(self, stage: str) -> ShardStream:
@@ -318,8 +414,19 @@ class ShardDataModule(L.LightningDataModule):
 
     def _loader(self, stage: str) -> DataLoader:
         position = self._position if stage == "fit" else (lambda: (self._position()[0], 0))
-        return EpochAwareLoader(self.stream(stage), position, num_workers=self.num_workers,
-                                persistent_workers=False)
+        stream = self.stream(stage)
+        if self.num_workers:
+            stream.tracker = self._trackers[stage] = ShardTracker(self.num_workers)
+        # A private generator: worker seeds never draw from the global RNG, so a new epoch or a validation
+        # run does not shift the dropout stream of training (exact resume, see vlsafe.ops.rng).
+        return EpochAwareLoader(stream, position, num_workers=self.num_workers, persistent_workers=False,
+                                generator=torch.Generator().manual_seed(self.seed))
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A dataloader worker died or timed out: name the shard it was reading (vlsafe.ops.workers)."""
+        for tracker in self._trackers.values():
+            if tracker.annotate(exception):
+                break
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("fit")

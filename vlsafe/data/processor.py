@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlsafe.core.vlm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vlsafe.data.schema import IMAGE_PLACEHOLDER, SampleError
-from vlsafe.data.shards import decode_image
+from vlsafe.data.shards import decode_image, to_rgb
 from vlsafe.data.templates import ChatTemplate, Segment, get_template
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -155,8 +155,11 @@ class VLMProcessor:
     def preprocess_image(self, image: bytes | Image.Image, sample_id: str = "?", field_name: str = "images") -> torch.Tensor:
         """Decode, pad to square with the mean colour, resize (bicubic) and normalise -> (3, S, S)."""
         if not isinstance(image, Image.Image):
-            image = decode_image(image, sample_id, field_name)
-        image = image.convert("RGB")
+            if not isinstance(image, (bytes, bytearray)):
+                raise SampleError(sample_id, field_name, f"expected encoded image bytes, got {type(image).__name__}")
+            # max_side: huge or extremely elongated images are reduced before padding to a square
+            image = decode_image(bytes(image), sample_id, field_name, max_side=self.image_size)
+        image = to_rgb(image)
         if self.pad_to_square:
             image = expand2square(image, tuple(int(m * 255) for m in self.image_mean))  # LLaVA truncates
         image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)

@@ -7,11 +7,15 @@ BPO shard and a RefCOCO shard all flow through the same writer, reader and valid
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
+# Boxes may overshoot the image by this many pixels (float rounding in released annotations, e.g. COCO's
+# x + w); beyond it a box is refused as lying outside the image.
+BOX_TOLERANCE = 1.0
 
 
 class SampleError(ValueError):
@@ -54,7 +58,11 @@ class Sample:
 
     # ------------------------------------------------------------------ validation
     def validate(self, where: str | None = None) -> "Sample":
-        """Raise `SampleError` naming this sample and the field if the record is unusable."""
+        """Raise `SampleError` naming this sample and the field if the record is unusable.
+
+        Every field is type-checked here (records come from scraped JSON), so a malformed sample fails
+        with `SampleError` rather than a `TypeError` deep inside tokenisation or collation.
+        """
 
         def fail(field_name: str, problem: str) -> None:
             raise SampleError(str(self.id), field_name, problem, where)
@@ -66,10 +74,14 @@ class Sample:
         for i, message in enumerate(self.messages):
             if not isinstance(message, dict) or set(message) != {"role", "content"}:
                 fail(f"messages[{i}]", "must be a dict with exactly the keys 'role' and 'content'")
-            if message["role"] not in ROLES:
-                fail(f"messages[{i}].role", f"{message['role']!r} is not one of {ROLES}")
+            if not isinstance(message["role"], str) or message["role"] not in ROLES:
+                fail(f"messages[{i}].role", f"{message['role']!r:.60} is not one of {ROLES}")
             if not isinstance(message["content"], str):
                 fail(f"messages[{i}].content", "must be a string")
+            if message["role"] == "assistant" and not message["content"].strip():
+                fail(f"messages[{i}].content", "assistant turn is empty")
+        if not isinstance(self.images, list) or not all(isinstance(im, (bytes, bytearray, str)) for im in self.images):
+            fail("images", "must be a list of encoded image bytes or file paths")
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in self.messages)
         if placeholders != len(self.images):
             fail("messages", f"has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but the sample has "
@@ -78,17 +90,51 @@ class Sample:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 fail(name, "must be a non-empty string when given")
+            if isinstance(value, str) and IMAGE_PLACEHOLDER in value:
+                # A placeholder in a response would add image slots that no image fills.
+                fail(name, f"a response must not contain {IMAGE_PLACEHOLDER}")
+        if not isinstance(self.labels, dict):
+            fail("labels", "must be a mapping of name -> number")
         for key, value in self.labels.items():
-            if not isinstance(value, (int, float)) or value != value:  # NaN check
-                fail(f"labels.{key}", f"must be a number, got {value!r}")
+            if not isinstance(key, str) or not (isinstance(value, bool) or _is_finite_number(value)):
+                fail(f"labels.{key}", f"must be a finite number, got {value!r:.60}")
         if self.boxes is not None:
+            if not isinstance(self.boxes, list):
+                fail("boxes", "must be a list of [x1, y1, x2, y2]")
             for i, box in enumerate(self.boxes):
-                if len(box) != 4 or any(not isinstance(v, (int, float)) or v != v for v in box):
-                    fail(f"boxes[{i}]", f"must be four finite numbers [x1, y1, x2, y2], got {box!r}")
+                if not isinstance(box, list) or len(box) != 4 or not all(_is_finite_number(v) for v in box):
+                    fail(f"boxes[{i}]", f"must be four finite numbers [x1, y1, x2, y2], got {box!r:.80}")
                 if box[2] < box[0] or box[3] < box[1]:
                     fail(f"boxes[{i}]", f"has x2 < x1 or y2 < y1: {box!r}")
-        if self.masks is not None and self.boxes is not None and len(self.masks) != len(self.boxes):
-            fail("masks", f"has {len(self.masks)} masks for {len(self.boxes)} boxes")
+                if min(box) < -BOX_TOLERANCE:
+                    fail(f"boxes[{i}]", f"has a negative coordinate: {box!r}")
+            if not self.images:
+                fail("boxes", "boxes refer to the first image, but the sample has none")
+        if self.masks is not None:
+            if not isinstance(self.masks, list) or not all(isinstance(m, (bytes, bytearray, str)) for m in self.masks):
+                fail("masks", "must be a list of PNG bytes (or paths)")
+            if self.boxes is None or len(self.masks) != len(self.boxes):
+                fail("masks", f"has {len(self.masks)} mask(s) for {len(self.boxes or [])} box(es); masks come one "
+                              f"per box")
+        if not isinstance(self.meta, dict):
+            fail("meta", "must be a JSON object")
+        for name in ("id", "messages", "chosen", "rejected", "blind", "labels", "boxes", "meta"):
+            problem = _json_problem(getattr(self, name))
+            if problem:
+                fail(name, problem)
+        return self
+
+    def check_geometry(self, image_size: tuple[int, int], mask_sizes: list[tuple[int, int]] | None = None,
+                       where: str | None = None) -> "Sample":
+        """Boxes must lie inside the first image and masks must have its size (needs the decoded sizes)."""
+        width, height = image_size
+        for i, box in enumerate(self.boxes or []):
+            if box[2] > width + BOX_TOLERANCE or box[3] > height + BOX_TOLERANCE:
+                raise SampleError(self.id, f"boxes[{i}]", f"{box!r} lies outside the {width}x{height} image", where)
+        for i, size in enumerate(mask_sizes or []):
+            if tuple(size) != (width, height):
+                raise SampleError(self.id, f"masks[{i}]", f"is {size[0]}x{size[1]} but the image is "
+                                                          f"{width}x{height}", where)
         return self
 
     @property
@@ -112,17 +158,52 @@ class Sample:
         return out
 
     def to_json(self) -> bytes:
-        return json.dumps(self.metadata(), ensure_ascii=False, sort_keys=True).encode("utf-8")
+        return json.dumps(self.metadata(), ensure_ascii=False, sort_keys=True, allow_nan=False).encode("utf-8")
 
     @classmethod
     def from_metadata(cls, data: dict[str, Any], images: list[bytes | str], masks: list[bytes] | None,
                       where: str | None = None) -> "Sample":
+        """Rebuild a sample from its stored metadata and members; call `validate` on the result."""
         sample_id = str(data.get("id", "?"))
         if "messages" not in data:
             raise SampleError(sample_id, "messages", "is missing", where)
-        if len(images) != int(data.get("num_images", len(images))):
-            raise SampleError(sample_id, "images", f"expected {data['num_images']} image(s), found {len(images)}",
-                              where)
+        num_images = data.get("num_images", len(images))
+        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images != len(images):
+            raise SampleError(sample_id, "images", f"expected {num_images!r:.20} image(s), found {len(images)}", where)
+        num_masks = data.get("num_masks", len(masks or []))
+        if num_masks != len(masks or []):
+            raise SampleError(sample_id, "masks", f"expected {num_masks!r:.20} mask(s), found {len(masks or [])}", where)
         return cls(id=sample_id, messages=data["messages"], images=images, chosen=data.get("chosen"),
                    rejected=data.get("rejected"), blind=data.get("blind"), labels=data.get("labels", {}),
                    boxes=data.get("boxes"), masks=masks, meta=data.get("meta", {}))
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_problem(value: Any, path: str = "") -> str | None:
+    """Why `value` would not come back unchanged from strict UTF-8 JSON (None if it would)."""
+    if value is None or isinstance(value, (bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path or 'value'} is {value} (JSON has no NaN/Infinity)"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"{path or 'text'} is not valid Unicode (lone surrogate at position {err.start})"
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if (problem := _json_problem(item, f"{path}[{i}]")) is not None:
+                return problem
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path or 'mapping'} has a non-string key {key!r:.40}"
+            if (problem := _json_problem(key, f"{path}.<key>")) or (problem := _json_problem(item, f"{path}.{key}")):
+                return problem
+        return None
+    return f"{path or 'value'} is a {type(value).__name__}, not plain JSON data"

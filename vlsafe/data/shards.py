@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -134,8 +135,58 @@ def load_index(location: str | Path) -> ShardIndex:
 
 
 # ---------------------------------------------------------------------------------------- images
-def encoded_image(image: bytes | str | Path, sample_id: str, field_name: str) -> tuple[bytes, str]:
-    """Return (bytes, extension) for an image given as bytes or a path, after checking it decodes.
+# Decompression-bomb guard: an image whose header promises more pixels than this is refused before any
+# pixel is decoded (PIL itself only warns between 1x and 2x its limit). Raise it with VLSAFE_MAX_IMAGE_PIXELS.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default: ~0.25 GB as 24-bit RGB
+# Above this many pixels, JPEGs are checked and decoded at reduced scale (DCT scaling), so a 50-megapixel
+# photo never costs a full-resolution buffer; the whole file is still read, so truncation is still caught.
+LARGE_IMAGE_PIXELS = 4096 * 4096
+
+
+def max_image_pixels() -> int:
+    """The decompression-bomb limit in pixels (env `VLSAFE_MAX_IMAGE_PIXELS`, default PIL's 89,478,485)."""
+    value = os.environ.get("VLSAFE_MAX_IMAGE_PIXELS")
+    limit = int(value) if value else DEFAULT_MAX_IMAGE_PIXELS
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # PIL's own (2x) check must not be stricter than the one asked for
+    return limit
+
+
+def open_image(data: bytes, sample_id: str, field_name: str, draft_side: int | None = None) -> Image.Image:
+    """Open and fully decode encoded bytes, or raise `SampleError` naming the sample and field.
+
+    Refuses empty data and decompression bombs (judged from the header, before decoding). With
+    `draft_side`, a large JPEG is decoded at the smallest DCT scale that keeps both sides >= `draft_side`.
+    """
+    if not data:
+        raise SampleError(sample_id, field_name, "image is empty (0 bytes)")
+    limit = max_image_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged below, with a clear error
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise SampleError(sample_id, field_name, f"refused as a possible decompression bomb: {err}") from None
+    except Exception as err:  # PIL raises many types for broken files
+        raise SampleError(sample_id, field_name, f"image does not decode: {err}") from None
+    width, height = img.size
+    if width * height > limit:
+        raise SampleError(sample_id, field_name, f"refused as a possible decompression bomb: {width}x{height} = "
+                                                 f"{width * height:,} pixels exceeds the limit of {limit:,} "
+                                                 f"(set VLSAFE_MAX_IMAGE_PIXELS to raise it)")
+    if width < 1 or height < 1:
+        raise SampleError(sample_id, field_name, f"image has no pixels ({width}x{height})")
+    if draft_side and width * height > LARGE_IMAGE_PIXELS and img.format == "JPEG":
+        img.draft(img.mode, (draft_side, draft_side))
+    try:
+        img.load()
+    except Exception as err:
+        raise SampleError(sample_id, field_name, f"image does not decode: {err}") from None
+    return img
+
+
+def inspect_image(image: bytes | str | Path, sample_id: str, field_name: str) -> tuple[bytes, str, tuple[int, int]]:
+    """(bytes, extension, (width, height)) of an image given as bytes or a path, after checking it decodes.
 
     Images are stored as the original encoded bytes (no re-encoding loss); a full decode here means a
     corrupt or truncated file is reported at shard-writing time, not in the middle of training.
@@ -147,43 +198,90 @@ def encoded_image(image: bytes | str | Path, sample_id: str, field_name: str) ->
             raise SampleError(sample_id, field_name, f"cannot read image file {image}: {err.strerror}") from None
     else:
         data = bytes(image)
-    if not data:
-        raise SampleError(sample_id, field_name, "image is empty (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format
-            img.load()
-    except Exception as err:  # PIL raises many types for broken files
-        raise SampleError(sample_id, field_name, f"image does not decode: {err}") from None
-    return data, _PIL_TO_EXT.get(fmt or "", "png" if fmt is None else fmt.lower())
+    img = open_image(data, sample_id, field_name, draft_side=64)  # a large JPEG is checked at 1/8 scale
+    fmt = img.format
+    img.close()
+    size = image_header_size(data, sample_id, field_name)  # the stored size, whatever scale was decoded
+    return data, _PIL_TO_EXT.get(fmt or "", "png" if fmt is None else fmt.lower()), size
 
 
-def decode_image(data: bytes, sample_id: str = "?", field_name: str = "images") -> Image.Image:
-    """Decode encoded bytes to an RGB PIL image (alpha is composited on white, palettes expanded)."""
+def encoded_image(image: bytes | str | Path, sample_id: str, field_name: str) -> tuple[bytes, str]:
+    """Return (bytes, extension) for an image given as bytes or a path, after checking it decodes."""
+    data, ext, _ = inspect_image(image, sample_id, field_name)
+    return data, ext
+
+
+def image_header_size(data: bytes, sample_id: str, field_name: str) -> tuple[int, int]:
+    """(width, height) from the header alone (cheap: no pixel is decoded)."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return img.size
     except Exception as err:
         raise SampleError(sample_id, field_name, f"image does not decode: {err}") from None
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+
+
+def decode_image(data: bytes, sample_id: str = "?", field_name: str = "images",
+                 max_side: int | None = None) -> Image.Image:
+    """Decode encoded bytes to an RGB PIL image (alpha is composited on white, palettes expanded, 16-bit and
+    float greyscale rescaled to 8 bits).
+
+    With `max_side` (the model's input side), an image whose longer side exceeds 8x `max_side` is decoded
+    at reduced scale (JPEG) and box-reduced to at least 4x `max_side`, so huge or extremely elongated
+    images never allocate full-resolution (or padded-square) buffers, while the final bicubic resize
+    still sees >= 4x the pixels it keeps (the result stays within a grey level or so of a full decode).
+    """
+    img = to_rgb(open_image(data, sample_id, field_name, draft_side=4 * max_side if max_side else None))
+    if max_side and max(img.size) > 8 * max_side:
+        img = img.reduce(max(1, max(img.size) // (4 * max_side)))
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB with the pixel values a viewer would show."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _high_depth_to_l(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
     return img.convert("RGB")
 
 
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float greyscale -> 8-bit "L" (PIL's own conversion clips, turning a 16-bit
+    PNG white). 16-bit modes keep the high byte; "I" with values above 255 is taken as 16-bit; "F" in
+    [0, 1] is scaled to [0, 255], otherwise clipped."""
+    import numpy as np
+
+    array = np.asarray(img)
+    if img.mode.startswith("I;16") or (img.mode == "I" and array.size and array.max() > 255):
+        array = array.astype(np.int64) >> 8
+    elif img.mode == "F" and array.size and np.nanmax(array) <= 1.0:
+        array = np.nan_to_num(array) * 255.0
+    return Image.fromarray(np.clip(np.nan_to_num(array), 0, 255).astype(np.uint8), mode="L")
+
+
 # ---------------------------------------------------------------------------------------- writing
 def sample_members(sample: Sample, key: str) -> dict[str, bytes | str]:
-    """Encode one validated sample into tar members (all bytes)."""
+    """Encode one validated sample into tar members (all bytes); images and masks are decoded once to check
+    them, and boxes/masks are checked against the first image's size."""
     members: dict[str, bytes | str] = {"__key__": key, "json": sample.to_json()}
+    sizes = []
     for i, image in enumerate(sample.images):
-        data, ext = encoded_image(image, sample.id, f"images[{i}]")
+        data, ext, size = inspect_image(image, sample.id, f"images[{i}]")
         members[f"img{i}.{ext}"] = data
+        sizes.append(size)
+    mask_sizes = []
     for i, mask in enumerate(sample.masks or []):
-        data, ext = encoded_image(mask, sample.id, f"masks[{i}]")
+        data, ext, size = inspect_image(mask, sample.id, f"masks[{i}]")
         if ext != "png":
             raise SampleError(sample.id, f"masks[{i}]", f"masks must be PNG, got {ext}")
         members[f"mask{i}.png"] = data
+        mask_sizes.append(size)
+    if sizes and (sample.boxes or mask_sizes):
+        sample.check_geometry(sizes[0], mask_sizes)
     return members
 
 
@@ -278,13 +376,30 @@ def iter_shard(url: str, keep: Callable[[int], bool] | None = None,
         raise IOError(f"cannot read shard {url} after {position} sample(s): {err}") from err
 
 
+def unsafe_member_name(name: str) -> bool:
+    """True for tar member names that could point outside an extraction folder (absolute, `..`, drive or
+    backslash paths, NUL). vlsafe never extracts shards to disk, but refuses such members anyway: a shard
+    holding them was not written by vlsafe and may be hostile."""
+    parts = name.replace("\\", "/").split("/")
+    return (name.startswith(("/", "\\")) or ".." in parts or "\0" in name or "\\" in name
+            or re.match(r"^[A-Za-z]:", name) is not None)
+
+
 def sample_from_members(raw: dict[str, bytes], where: str) -> Sample:
+    """One tar record -> a validated `Sample`. Only `json`, `img<i>.<ext>` and `mask<i>.png` members are
+    read; anything else (e.g. a `.pth` or `.pickle` member) is ignored, never decoded."""
+    key = str(raw.get("__key__", "?"))
+    if unsafe_member_name(key):
+        raise SampleError(key, "tar member name", "is an absolute or parent-directory ('..') path; refusing a "
+                                                  "shard member that could escape its folder", where)
     if "json" not in raw:
-        raise SampleError(str(raw.get("__key__", "?")), "json", "member is missing", where)
+        raise SampleError(key, "json", "member is missing", where)
     try:
         data = json.loads(raw["json"].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SampleError(str(raw.get("__key__", "?")), "json", f"malformed: {err}", where) from None
+        raise SampleError(key, "json", f"malformed: {err}", where) from None
+    except RecursionError:
+        raise SampleError(key, "json", "malformed: nested too deeply", where) from None
     images: dict[int, bytes] = {}
     masks: dict[int, bytes] = {}
     for name, value in raw.items():
@@ -292,11 +407,21 @@ def sample_from_members(raw: dict[str, bytes], where: str) -> Sample:
             images[int(match.group(1))] = value
         elif (match := _MASK_MEMBER.match(name)) is not None:
             masks[int(match.group(1))] = value
-    ordered_masks = [masks[i] for i in sorted(masks)] if masks else None
     if not isinstance(data, dict):
-        raise SampleError(str(raw.get("__key__", "?")), "json", "must be a JSON object", where)
+        raise SampleError(key, "json", "must be a JSON object", where)
+    if sorted(images) != list(range(len(images))) or sorted(masks) != list(range(len(masks))):
+        raise SampleError(str(data.get("id", key)), "images", f"image/mask members are not numbered 0..n-1: "
+                                                              f"{sorted(images)}, {sorted(masks)}", where)
+    # `num_masks` is written whenever the sample had a mask list, so an empty list comes back as [] (not None)
+    ordered_masks = [masks[i] for i in sorted(masks)] if masks or "num_masks" in data else None
     sample = Sample.from_metadata(data, [images[i] for i in sorted(images)], ordered_masks, where=where)
-    return sample.validate(where)
+    sample.validate(where)
+    if sample.images and (sample.boxes or sample.masks):
+        field_names = ["images[0]"] + [f"masks[{i}]" for i in range(len(sample.masks or []))]
+        sizes = [image_header_size(b, sample.id, f) for b, f in zip([sample.images[0], *(sample.masks or [])],
+                                                                   field_names)]
+        sample.check_geometry(sizes[0], sizes[1:], where)
+    return sample
 
 
 def read_samples(location: str | Path, limit: int | None = None) -> Iterator[Sample]:

@@ -40,7 +40,7 @@ from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample
 from vlsafe.data.shards import ShardIndex, write_shards
 
 __all__ = [
-    "KINDS", "WORLD_VERSION", "PALETTE", "SHAPES", "BACKGROUNDS", "NUMBER_WORDS", "SHAPE_CORNERS",
+    "KINDS", "EXTRA_KINDS", "WORLD_VERSION", "PALETTE", "SHAPES", "BACKGROUNDS", "NUMBER_WORDS", "SHAPE_CORNERS",
     "HAZARD_REFUSAL", "REQUEST_REFUSAL", "HARMFUL_VERBS", "ANSWER_SUFFIX", "CAPTION_PROMPT", "CHAT_STRINGS",
     "WorldConfig", "ShapeObject", "Scene", "random_scene", "make_sample", "generate", "write_world", "corpus",
     "describe", "box_to_text", "parse_box_text", "encode_png",
@@ -48,6 +48,14 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------- vocabulary
 KINDS = ("qa", "caption", "negative", "safety", "preference", "harm_text", "grounding")
+#: Opt-in kinds for the LRV experiment, not part of the default `KINDS` mixture (which tests and demos use):
+#: - ``qa_positive``: the `qa` questions, but existence questions only ever name an object that is present
+#:   (answer "yes"). This is positive-only instruction data, like LLaVA's, from which a model learns to say
+#:   "yes" to every existence question (the bias LRV-Instruction measured and fixed);
+#: - ``negative_exists``: LRV's nonexistent-object negative in interrogative form: the `qa` existence
+#:   question about an absent colour-shape combination, answer "no" (polarity "negative").
+#: Both reuse `QA_TEMPLATES`, so `corpus()` (and hence the tiny tokenizer) is unchanged.
+EXTRA_KINDS = ("qa_positive", "negative_exists")
 #: Bump whenever a change alters generated samples, so cached shard sets (e.g. SyntheticWorld's stamp) rebuild.
 WORLD_VERSION = 1
 
@@ -463,7 +471,10 @@ def _qa_types(scene: Scene, cfg: WorldConfig) -> list[str]:
     return types + ["exists"]
 
 
-def _qa(rng: random.Random, scene: Scene, cfg: WorldConfig, task: str | None = None) -> _Instruction:
+def _qa(rng: random.Random, scene: Scene, cfg: WorldConfig, task: str | None = None,
+        absent: bool | None = None) -> _Instruction:
+    """`absent` fixes the existence question's polarity (True: an absent object, "no"; False: a present one,
+    "yes"); None keeps the original 50/50 draw (and its RNG use, so `qa` samples never change)."""
     task = task or rng.choice(_qa_types(scene, cfg))
     if task == "color":
         shape = rng.choice(scene.unique_shapes())
@@ -477,12 +488,15 @@ def _qa(rng: random.Random, scene: Scene, cfg: WorldConfig, task: str | None = N
         answer, question, candidates = NUMBER_WORDS[len(scene.objects)], QA_TEMPLATES["count"], list(cfg.counts)
     elif task == "exists":
         present = set(scene.combos())
-        absent = [(c, s) for c, s in product(cfg.colors, cfg.shapes) if (c, s) not in present]
+        absent_combos = [(c, s) for c, s in product(cfg.colors, cfg.shapes) if (c, s) not in present]
         # 50/50 by construction (falls back to "yes" only if every combination is present)
-        if rng.random() < 0.5 or not absent:
+        want_absent = (rng.random() >= 0.5) if absent is None else absent
+        if absent is True and not absent_combos:
+            raise ValueError("an absent-object existence question needs a scene without every combination")
+        if not want_absent or not absent_combos:
             (color, shape), answer = rng.choice(scene.combos()), "yes"
         else:
-            (color, shape), answer = rng.choice(absent), "no"
+            (color, shape), answer = rng.choice(absent_combos), "no"
         question, candidates = _fill(QA_TEMPLATES["exists"], color=color, shape=shape), ["yes", "no"]
     else:
         raise ValueError(f"unknown qa type {task!r}")
@@ -575,6 +589,29 @@ def _kind_negative(rng: random.Random, cfg: WorldConfig) -> dict[str, Any]:
     question, answer = _fill(question_t, **slots), _fill(answer_t, **slots)
     return dict(scene=scene, messages=[_user(question), _assistant(answer)], polarity="negative",
                 meta={"task": task, "answer": answer, "premise": premise})
+
+
+def _kind_qa_positive(rng: random.Random, cfg: WorldConfig) -> dict[str, Any]:
+    """`qa` without negatives: an existence question always names a present object (see `EXTRA_KINDS`)."""
+    scene = random_scene(rng, cfg)
+    task = rng.choice(_qa_types(scene, cfg))
+    ins = _qa(rng, scene, cfg, task, absent=False if task == "exists" else None)
+    return dict(scene=scene, messages=[_user(ins.question), _assistant(ins.answer)],
+                meta={"task": ins.task, "answer": ins.answer, "candidates": ins.candidates})
+
+
+def _kind_negative_exists(rng: random.Random, cfg: WorldConfig) -> dict[str, Any]:
+    """An existence question about an absent colour-shape combination, answered "no" (see `EXTRA_KINDS`)."""
+    n_combos = len(cfg.colors) * len(cfg.shapes)
+    scene = _scene_where(rng, cfg, lambda s: len(set(s.combos())) < n_combos, what="an absent combination")
+    ins = _qa(rng, scene, cfg, "exists", absent=True)
+    color, shape = _EXISTS_QUESTION.match(ins.question).groups()
+    return dict(scene=scene, messages=[_user(ins.question), _assistant(ins.answer)], polarity="negative",
+                meta={"task": "exists", "answer": ins.answer, "candidates": ins.candidates,
+                      "premise": {"color": color, "shape": shape}})
+
+
+_EXISTS_QUESTION = re.compile(r"Is there an? (\w+) (\w+)\?")
 
 
 def _kind_safety(rng: random.Random, cfg: WorldConfig) -> dict[str, Any]:
@@ -709,6 +746,7 @@ def _kind_grounding(rng: random.Random, cfg: WorldConfig) -> dict[str, Any]:
 _BUILDERS: dict[str, Callable[[random.Random, WorldConfig], dict[str, Any]]] = {
     "qa": _kind_qa, "caption": _kind_caption, "negative": _kind_negative, "safety": _kind_safety,
     "preference": _kind_preference, "harm_text": _kind_harm_text, "grounding": _kind_grounding,
+    "qa_positive": _kind_qa_positive, "negative_exists": _kind_negative_exists,
 }
 
 
@@ -719,7 +757,7 @@ def make_sample(kind: str, rng: random.Random, index: int, cfg: WorldConfig = Wo
     `index`, `split` and `seed` only name the sample (`synthetic-{split}-{seed}-{index:07d}`) and go to meta.
     """
     if kind not in _BUILDERS:
-        raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
+        raise ValueError(f"unknown kind {kind!r}; choose from {KINDS + EXTRA_KINDS}")
     built = _BUILDERS[kind](rng, cfg)
     scene: Scene | None = built.pop("scene")
     meta = {"source": "synthetic", "kind": kind, "split": split, "seed": seed, "index": index,
@@ -740,7 +778,7 @@ def _kind_weights(kinds: Sequence[str] | Mapping[str, float] | str) -> tuple[lis
         names, weights = list(kinds), [1.0] * len(kinds)
     unknown = [k for k in names if k not in _BUILDERS]
     if unknown or not names:
-        raise ValueError(f"unknown or no kinds {unknown or names}; choose from {KINDS}")
+        raise ValueError(f"unknown or no kinds {unknown or names}; choose from {KINDS + EXTRA_KINDS}")
     if any(w < 0 or w != w for w in weights) or sum(weights) <= 0:
         raise ValueError(f"kind weights must be >= 0 with a positive sum, got {dict(zip(names, weights))}")
     return names, weights

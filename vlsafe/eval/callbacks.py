@@ -38,8 +38,9 @@ class BeforeAfterEvaluation(L.Callback):
         metrics = self._run(trainer, pl_module, "after training")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        if trainer.is_global_zero and trainer.log_dir:
-            out = Path(trainer.log_dir) / self.results_file
+        log_dir = trainer.log_dir  # a collective call under some strategies: every rank must make it
+        if trainer.is_global_zero and log_dir:
+            out = Path(log_dir) / self.results_file
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(self.results, indent=1))
 

@@ -143,8 +143,67 @@ class VLMModule(L.LightningModule):
             optimizer, lr_lambda(self.optim.schedule, warmup, total, self.optim.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ------------------------------------------------------------------ sharding
+    def sharded_cores(self) -> list[VLM]:
+        """The VLMs `configure_model` shards under FSDP2: the trained core first, then frozen copies
+        (e.g. a DPO reference), so a vision tower they share becomes a unit of the trained core."""
+        cores = [self.vlm]
+        cores += [m for m in self.children() if isinstance(m, VLM) and m is not self.vlm]
+        return cores
+
+    def configure_model(self) -> None:
+        """Under `ModelParallelStrategy` (e.g. `vlsafe.scale.FSDP2`), shard each core with FSDP2.
+
+        Under DeepSpeed ZeRO-3, register the vision tower's externally used parameters. Other strategies
+        need nothing here: DDP replicates, Lightning's FSDP wraps the whole module itself. Called once per
+        Trainer entry point, so it is a no-op when already sharded.
+        """
+        from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+        if not hasattr(self, "_unsharded_counts"):
+            self._unsharded_counts = count_parameters(self.vlm)
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
+            from vlsafe.scale.deepspeed import register_zero3_external_parameters
+            register_zero3_external_parameters(self)
+        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        from vlsafe.scale.fsdp2 import (broadcast_parameters, replicated_trainable_parameters, shard_report,
+                                        shard_vlm)
+
+        mesh = self.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(f"vlsafe shards with FSDP2 only, but the device mesh has tensor_parallel size "
+                             f"{mesh['tensor_parallel'].size()}: use strategy vlsafe.scale.FSDP2 or "
+                             f"ModelParallelStrategy(data_parallel_size=<world size>, tensor_parallel_size=1)")
+        options = trainer.strategy.shard_options() if hasattr(trainer.strategy, "shard_options") else {}
+        for core in self.sharded_cores():
+            if isinstance(core, FSDPModule):
+                continue
+            shared = core is not self.vlm and core.vision is self.vlm.vision
+            if shared:
+                # A frozen tower shared with the trained core stays a unit of the trained core only: FSDP2
+                # allows one root per unit, so the copy refers to it without owning it as a submodule.
+                vision = core._modules.pop("vision")
+                object.__setattr__(core, "vision", vision)
+            classes = shard_vlm(core, mesh["data_parallel"], **options)
+            if core is self.vlm:
+                self.print(f"vlsafe: {shard_report(classes, core)} over {mesh['data_parallel'].size()} processes")
+        # A method's own trainable heads outside the cores stay whole on every rank, DDP-style.
+        self._replicated = replicated_trainable_parameters(self)
+        broadcast_parameters(self._replicated, mesh["data_parallel"])
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        replicated = getattr(self, "_replicated", None)
+        if replicated:
+            from vlsafe.scale.fsdp2 import average_gradients
+            average_gradients(replicated, self.device_mesh["data_parallel"])
+
     def on_fit_start(self) -> None:
-        trainable, total = count_parameters(self.vlm)
+        # Counted before sharding when configure_model ran: FSDP1 shows only local shards afterwards.
+        trainable, total = getattr(self, "_unsharded_counts", None) or count_parameters(self.vlm)
         self.print(f"vlsafe: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
 
     # ------------------------------------------------------------------ generation

@@ -6,9 +6,10 @@ answer. Two forms are supported:
   whose `rejected` is the blind answer, mixed in as a second source; the module itself is plain DPO.
 - `blind: sum`: every sample carries `blind`, and the loss is L(y_w, y_l) + L(y_w, y_blind).
 
-Efficiency: the image of a sample is encoded once and its features are reused for every response
-sequence, and all responses run through the LLM in one concatenated forward pass. With a frozen
-tower the vision features are also shared between the policy and the reference.
+Efficiency: the image of a sample is encoded once and its features are reused for every response;
+the prompt (image tokens included) runs through the LLM once and every response continues from its
+key/value cache (`vlsafe/methods/shared_prompt.py`); the LM head only sees response positions. With a
+frozen tower the vision features are also shared between the policy and the reference.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import copy
 from typing import Any
 
 import torch
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MeanMetric, Metric
 
 from vlsafe.core.lora import is_peft
 from vlsafe.core.vlm import IGNORE_INDEX, VLM
@@ -24,6 +25,8 @@ from vlsafe.data.encoders import PreferenceEncoder, PromptEncoder
 from vlsafe.methods.base import VLMModule
 from vlsafe.methods.losses import LOSS_TYPES, implicit_rewards, preference_loss, response_logprobs
 from vlsafe.methods.sft import supervised_positions
+from vlsafe.methods.shared_prompt import shared_prompt_logps
+from vlsafe.monitoring.metrics import log_metrics, stage_metrics
 
 REFERENCE_MODES = ("copy", "adapter", "precomputed")
 BLIND_MODES = ("off", "rows", "sum")
@@ -53,9 +56,14 @@ def batch_reference_logps(vlm: VLM, batch: dict[str, Any], average: bool = False
     return sequence_logps(vlm, batch, features, average).view(k, -1)
 
 
-def _stat_collection(with_blind: bool) -> MetricCollection:
-    names = [n for n in _STATS if with_blind or "blind" not in n]
-    return MetricCollection({n.replace("/", "_"): MeanMetric() for n in names})
+def preference_metrics(with_blind: bool) -> dict[str, Metric]:
+    """Per-sample means of the `compute_loss` stats (TRL's names; documented in docs/metrics.md)."""
+    return {n: MeanMetric() for n in _STATS if with_blind or "blind" not in n}
+
+
+def _checkpointing(llm: torch.nn.Module) -> bool:
+    name = "is_activation_checkpointing" if hasattr(llm, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(llm, name, False))
 
 
 class PreferenceModule(VLMModule):
@@ -67,11 +75,14 @@ class PreferenceModule(VLMModule):
     - `average_logprob`: length-normalised response log-probs instead of sums (the paper uses sums).
     - `share_image_features`: encode each image once per sample (default); off = once per sequence,
       as TRL does, kept for benchmarking.
+    - `share_prompt`: run each sample's prompt (image tokens included) once and continue every response
+      from its key/value cache (default); off = one full forward per response sequence.
     """
 
     def __init__(self, *args: Any, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  sft_weight: float = 0.0, blind: str = "off", reference: str = "copy",
-                 average_logprob: bool = False, share_image_features: bool = True, **kwargs: Any):
+                 average_logprob: bool = False, share_image_features: bool = True, share_prompt: bool = True,
+                 **kwargs: Any):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
         if blind not in BLIND_MODES:
@@ -81,6 +92,7 @@ class PreferenceModule(VLMModule):
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.sft_weight, self.blind, self.reference_mode = sft_weight, blind, reference
         self.average_logprob, self.share_image_features = average_logprob, share_image_features
+        self.share_prompt = share_prompt
         super().__init__(*args, **kwargs)
         if reference == "adapter" and not is_peft(self.vlm.llm):
             raise ValueError("reference='adapter' needs a LoRA adapter (set `lora`); use reference='copy' for "
@@ -93,12 +105,14 @@ class PreferenceModule(VLMModule):
             self.reference_projector = copy.deepcopy(self.vlm.projector).requires_grad_(False).eval()
         self.strict_loading = False  # the reference is rebuilt from the builder, never saved
         with_blind = blind == "sum"
-        self.metrics = torch.nn.ModuleDict({f"{stage}_stats": _stat_collection(with_blind) for stage in ("train", "val")})
+        stages = stage_metrics(preference_metrics(with_blind), ("train", "val"))
+        self.train_metrics, self.val_metrics = stages["train"], stages["val"]
 
     def extra_hparams(self) -> dict[str, Any]:
         return {"beta": self.beta, "loss_type": self.loss_type, "label_smoothing": self.label_smoothing,
                 "sft_weight": self.sft_weight, "blind": self.blind, "reference": self.reference_mode,
-                "average_logprob": self.average_logprob, "share_image_features": self.share_image_features}
+                "average_logprob": self.average_logprob, "share_image_features": self.share_image_features,
+                "share_prompt": self.share_prompt}
 
     def _frozen_copy(self) -> VLM:
         """The starting model, frozen. A frozen vision tower is shared rather than copied."""
@@ -150,6 +164,11 @@ class PreferenceModule(VLMModule):
         return self.vlm.project(vision).repeat(k, 1, 1), vision
 
     def _logps(self, vlm: VLM, batch: dict[str, Any], features: torch.Tensor | None) -> torch.Tensor:
+        if self.share_prompt and not _checkpointing(vlm.llm):  # a KV cache and activation checkpointing don't mix
+            n = len(batch["ids"])
+            logps = shared_prompt_logps(vlm, batch, None if features is None else features[:n], self.average_logprob)
+            if logps is not None:
+                return logps
         return sequence_logps(vlm, batch, features, self.average_logprob)
 
     @torch.no_grad()
@@ -214,25 +233,18 @@ class PreferenceModule(VLMModule):
         tokens = (batch["labels"][:b, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
         return -(chosen_logps / tokens).mean()
 
-    def _log_stats(self, stats: dict[str, torch.Tensor], stage: str, batch_size: int) -> None:
-        collection = self.metrics[f"{stage}_stats"]
-        for name, value in stats.items():
-            metric = collection[name.replace("/", "_")]
-            if stage == "train":
-                self.log(f"train/{name}", metric(value), prog_bar=name in ("loss", "rewards/accuracies"),
-                         batch_size=batch_size)
-            else:
-                metric.update(value)
-                self.log(f"{stage}/{name}", metric, prog_bar=name == "rewards/accuracies", batch_size=batch_size)
+    def _log_stats(self, stats: dict[str, torch.Tensor], stage: str) -> None:
+        log_metrics(self, getattr(self, f"{stage}_metrics"), stats, on_step=stage == "train",
+                    prog_bar=("loss", "rewards/accuracies") if stage == "train" else ("rewards/accuracies",))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, stats = self.compute_loss(batch)
-        self._log_stats(stats, "train", len(batch["ids"]))
+        self._log_stats(stats, "train")
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         _, stats = self.compute_loss(batch)
-        self._log_stats(stats, "val", len(batch["ids"]))
+        self._log_stats(stats, "val")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         responses = self.generate_batch(batch)

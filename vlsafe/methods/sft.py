@@ -5,11 +5,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric, SumMetric
 
 from vlsafe.core.vlm import IGNORE_INDEX
 from vlsafe.data.encoders import ConversationEncoder, PromptEncoder
 from vlsafe.methods.base import VLMModule
+from vlsafe.monitoring.metrics import TokenPerplexity, log_metrics, stage_metrics
 
 
 def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -35,15 +36,27 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return positions, shifted[:, positions]
 
 
+def sft_metrics() -> dict[str, Metric]:
+    """The masked-LM metrics (names in docs/metrics.md). Means are token-weighted and synced across ranks by
+    torchmetrics (validation is not padded, so ranks may hold different numbers of tokens)."""
+    return {"loss": MeanMetric(), "token_acc": MeanMetric(), "perplexity": TokenPerplexity(),
+            "supervised_tokens": SumMetric()}
+
+
+def sft_metric_values(loss: torch.Tensor, correct: torch.Tensor, n_tokens: int) -> dict[str, Any]:
+    """`log_metrics` input for one batch: token-weighted loss/accuracy/perplexity and the token count."""
+    loss = loss.detach()
+    return {"loss": (loss, n_tokens), "token_acc": (correct.float() / max(n_tokens, 1), n_tokens),
+            "perplexity": (loss, n_tokens), "supervised_tokens": float(n_tokens)}
+
+
 class SFTModule(VLMModule):
     """Masked LM loss on assistant replies; token accuracy and perplexity as torchmetrics."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        # Token-weighted means, synced across ranks by torchmetrics (validation is not padded, so ranks may
-        # hold different numbers of tokens).
-        self.metrics = torch.nn.ModuleDict({
-            f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("nll", "acc")})
+        stages = stage_metrics(sft_metrics(), ("train", "val", "test"))
+        self.train_metrics, self.val_metrics, self.test_metrics = stages["train"], stages["val"], stages["test"]
 
     def data_encoder(self, stage: str):
         return PromptEncoder(self.processor) if stage == "predict" else ConversationEncoder(self.processor)
@@ -56,32 +69,20 @@ class SFTModule(VLMModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, correct, n_tokens = self._loss(batch)
-        batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/token_acc", correct.float() / max(n_tokens, 1), batch_size=batch_size)
-        self.log("train/perplexity", torch.exp(loss.detach()), batch_size=batch_size)
-        self.log("train/supervised_tokens", float(n_tokens), batch_size=batch_size, reduce_fx="sum")
+        log_metrics(self, self.train_metrics, sft_metric_values(loss, correct, n_tokens), on_step=True,
+                    prog_bar=("loss",))
         return loss
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         loss, correct, n_tokens = self._loss(batch)
-        nll, acc = self.metrics[f"{stage}_nll"], self.metrics[f"{stage}_acc"]
-        nll.update(loss, weight=n_tokens)
-        acc.update(correct.float() / max(n_tokens, 1), weight=n_tokens)
-        self.log(f"{stage}/loss", nll, prog_bar=True)
-        self.log(f"{stage}/token_acc", acc, prog_bar=True)
+        log_metrics(self, getattr(self, f"{stage}_metrics"), sft_metric_values(loss, correct, n_tokens),
+                    on_step=False, prog_bar=("loss", "token_acc"))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/perplexity", torch.exp(self.metrics["val_nll"].compute()))
-
-    def on_test_epoch_end(self) -> None:
-        self.log("test/perplexity", torch.exp(self.metrics["test_nll"].compute()))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         responses = self.generate_batch(batch)

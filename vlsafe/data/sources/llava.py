@@ -19,7 +19,13 @@ ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": 
 def load_json_list(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSON list (or JSON Lines) file with errors that name the file and position."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                         f"re-encode the file as UTF-8") from None
     if path.suffix == ".jsonl":
         rows = []
         for line_no, line in enumerate(text.splitlines(), 1):
@@ -39,13 +45,16 @@ def load_json_list(path: str | Path) -> list[dict[str, Any]]:
 
 
 def llava_record_to_sample(record: dict[str, Any], image_folder: str | Path | None, source: str = "llava") -> Sample:
+    """One LLaVA record -> a `Sample` (not yet validated), or `SampleError` naming the record and field."""
+    if not isinstance(record, dict):
+        raise SampleError("?", "record", f"must be a JSON object, got {type(record).__name__}")
     sample_id = str(record.get("id", "?"))
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise SampleError(sample_id, "conversations", "is missing or empty")
     messages = []
     for i, turn in enumerate(conversations):
-        role = ROLE_NAMES.get(str(turn.get("from", "")).lower())
+        role = ROLE_NAMES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) else None
         if role is None or not isinstance(turn.get("value"), str):
             raise SampleError(sample_id, f"conversations[{i}]", f"needs 'from' in {sorted(ROLE_NAMES)} and a string "
                                                                 f"'value', got {turn!r:.120}")
@@ -53,7 +62,13 @@ def llava_record_to_sample(record: dict[str, Any], image_folder: str | Path | No
     images = record.get("image") or []
     if isinstance(images, str):
         images = [images]
+    if not isinstance(images, list) or not all(isinstance(name, str) and name for name in images):
+        raise SampleError(sample_id, "image", f"must be a path or a list of paths, got {images!r:.80}")
     folder = Path(image_folder) if image_folder else None
+    for name in images:
+        if folder and (Path(name).is_absolute() or ".." in Path(name).parts):
+            # A downloaded JSON must not pull files from outside the image folder into the shards.
+            raise SampleError(sample_id, "image", f"{name!r} points outside the image folder")
     paths = [str(folder / name) if folder else str(name) for name in images]
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
     if paths and placeholders == 0:

@@ -7,16 +7,40 @@ the tool):
 - ``evaluate(model, options, out_dir, *, batch_size, progress) -> SuiteResult``: run the benchmark on a
   loaded vlsafe LightningModule (already in eval mode, on its device). ``options`` is the suite's mapping
   from the eval spec (paths, subsets, judge settings, ``max_samples``...); unknown keys must raise
-  ``ValueError`` naming the key. ``out_dir`` is the suite's own folder: write resumable caches and any
-  suite-specific PNGs there.
+  ``ValueError`` naming the key (``check_options`` does it). ``out_dir`` is the suite's own folder: write
+  resumable caches and any suite-specific PNGs there.
+
+The tool hands suites a stand-in that loads the model on first attribute access, so a suite whose
+answers are all cached never loads it; ``vlsafe.eval.generation.generate_answers`` (batched, resumable,
+progress bar) is the generation entry point suites share (``suite_answers`` wraps it with the usual
+options). Judge options (``judge``, ``*_judge``) arrive as mappings/strings for
+``vlsafe.eval.judges.build_judge``; named judges from the spec's ``judges:`` section are already
+substituted by the tool.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Sequence
+
+#: options every generating suite understands (see `suite_answers`)
+GENERATION_OPTIONS = {"max_samples", "max_new_tokens", "template", "on_error"}
+
+
+@dataclass
+class ChartSpec:
+    """A bar chart of one table: bars labelled by `x` (one column or several joined), height `y`,
+    one colour per value of `group` when given."""
+
+    table: str
+    y: str
+    x: str | Sequence[str]
+    group: str | None = None
+    title: str = ""
+    ylabel: str = ""
 
 
 @dataclass
@@ -28,14 +52,55 @@ class SuiteResult:
     - ``tables``: ``{table_name: [row dict, ...]}``, e.g. ASR per category; written as CSV and Markdown.
     - ``predictions``: one JSON-safe dict per evaluated sample (id, prompt, answer, verdict...), written as
       ``predictions.jsonl`` so every number can be traced back to the answers behind it.
+    - ``info``: JSON-safe facts about the run (judge, data paths, counts of skipped rows), kept in
+      ``metrics.json`` next to the numbers.
+    - ``charts``: tables to draw as PNG bar charts; without any, the tool draws the metrics.
     """
 
     metrics: dict[str, float]
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    charts: list[ChartSpec] = field(default_factory=list)
 
 
 def suite_modules() -> dict[str, ModuleType]:
     """Every suite module in this package, by ``SUITE_NAME``."""
     modules = [importlib.import_module(f"{__name__}.{info.name}") for info in pkgutil.iter_modules(__path__)]
     return {m.SUITE_NAME: m for m in modules if hasattr(m, "SUITE_NAME")}
+
+
+def check_options(options: dict[str, Any], allowed: set[str], suite: str, required: Sequence[str] = ()) -> None:
+    """Unknown or missing suite options are errors that name the key."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"suite {suite!r}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = [key for key in required if options.get(key) in (None, "")]
+    if missing:
+        raise ValueError(f"suite {suite!r}: missing required option(s) {missing}")
+
+
+def existing_path(options: dict[str, Any], key: str, suite: str) -> Path:
+    path = Path(str(options[key])).expanduser()
+    if not path.exists():
+        raise ValueError(f"suite {suite!r}: {key} {path} does not exist")
+    return path
+
+
+def suite_answers(model, samples, options: dict[str, Any], out_dir: str | Path, *, batch_size: int, progress: bool,
+                  desc: str, template: str | None = None, max_new_tokens: int = 256,
+                  min_new_tokens: int | None = None):
+    """`generate_answers` with the suite's cache (`out_dir/answers.jsonl`) and generation options
+    (`max_new_tokens`, `template`, `on_error`), falling back to the suite's defaults."""
+    from vlsafe.eval.generation import GenerationConfig, generate_answers
+
+    config = GenerationConfig(max_new_tokens=int(options.get("max_new_tokens", max_new_tokens)),
+                              min_new_tokens=min_new_tokens, template=options.get("template", template))
+    return generate_answers(model, samples, config, cache_path=Path(out_dir) / "answers.jsonl",
+                            model_id=getattr(model, "eval_identity", None), batch_size=batch_size,
+                            progress=progress, on_error=options.get("on_error", "raise"), desc=desc)
+
+
+def percent(numerator: float, denominator: int) -> float:
+    """A percentage rounded to 2 decimals (the released VLGuard script's convention); 0.0 when empty."""
+    return round(numerator / denominator * 100, 2) if denominator else 0.0

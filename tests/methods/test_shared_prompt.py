@@ -1,0 +1,49 @@
+"""Running the prompt once and continuing each response from its cache must not change the numbers."""
+import pytest
+import torch
+
+from vlsafe.core.lora import LoraSettings
+from vlsafe.data.encoders import PreferenceEncoder
+from vlsafe.data.synthetic import WorldConfig, generate
+from vlsafe.methods.preference import PreferenceModule, sequence_logps
+from vlsafe.methods.shared_prompt import shared_prompt_logps
+
+
+def _batch(module, responses, n=5):
+    samples = list(generate(n, seed=3, kinds=["preference"], cfg=WorldConfig(image_size=64), split="t"))
+    encoder = PreferenceEncoder(module.processor, responses)
+    return encoder.collate([encoder.encode(s) for s in samples])
+
+
+@pytest.mark.parametrize("responses,lora", [(("chosen", "rejected"), False), (("chosen", "rejected", "blind"), True)])
+def test_shared_prompt_matches_the_concatenated_forward_in_value_and_gradient(tiny_vlm_builder, responses, lora):
+    torch.manual_seed(0)
+    module = PreferenceModule(vlm=tiny_vlm_builder, reference="precomputed",
+                              lora=LoraSettings(r=4, alpha=8, dropout=0.0) if lora else None)
+    module.vlm.eval()  # no dropout: both paths must see the same function
+    batch = _batch(module, responses)
+    k, n = len(responses), len(batch["ids"])
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1, "responses of different lengths"
+    params = [p for p in module.vlm.parameters() if p.requires_grad]
+
+    def run(fn):
+        module.zero_grad(set_to_none=True)
+        logps = fn()
+        (logps * torch.linspace(1, 2, logps.numel())).sum().backward()
+        return logps.detach(), [p.grad.clone() for p in params]
+
+    features = lambda: module.vlm.encode_images(batch["pixel_values"])  # noqa: E731 (a fresh graph per run)
+    full, full_grads = run(lambda: sequence_logps(module.vlm, batch, features().repeat(k, 1, 1)))
+    shared, shared_grads = run(lambda: shared_prompt_logps(module.vlm, batch, features()))
+    assert shared.shape == (k * n,)
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-4)
+    for a, b in zip(shared_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_responses_with_different_prompt_tokens_fall_back_to_the_concatenated_forward(tiny_vlm_builder):
+    module = PreferenceModule(vlm=tiny_vlm_builder, reference="precomputed")
+    batch = _batch(module, ("chosen", "rejected"), n=2)
+    n = len(batch["ids"])
+    batch["input_ids"][n, 1] = batch["input_ids"][n, 1] + 1  # rejected row of sample 0: a different prompt token
+    assert shared_prompt_logps(module.vlm, batch, module.vlm.encode_images(batch["pixel_values"])) is None

@@ -1,0 +1,385 @@
+"""One function per benchmark contender; each returns its measurements as plain data.
+
+A contender builds everything it needs from `BenchConfig` (same seed → same weights and batches in every
+process), times `warmup_steps + timed_steps` steps, and reports the step times, the work per step (samples,
+pairs, real tokens) and the first step's loss, so the side-by-side table compares equal work.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from vlsafe.bench.setup import (BenchConfig, batches, export_hf, freeze_like_vlsafe, frozen_copy, hf_labels,
+                                real_tokens, synthetic_samples, to_hf_inputs)
+
+Result = dict[str, Any]
+
+
+def _steps_result(times: list[float], cfg: BenchConfig, work: dict[str, float], loss: float) -> Result:
+    """Per-step durations from consecutive step start times (so everything between steps is counted)."""
+    durations = [b - a for a, b in zip(times, times[1:])][cfg.warmup_steps:]
+    return {"step_seconds": durations, "work_per_step": work, "first_loss": loss}
+
+
+def _work(batch_list: list[dict[str, Any]], samples: int, pairs: int = 0) -> dict[str, float]:
+    tokens = sum(real_tokens(b) for b in batch_list) / len(batch_list)
+    work = {"samples": float(samples), "tokens": tokens}
+    if pairs:
+        work["pairs"] = float(pairs)
+    return work
+
+
+class _StepClock:
+    """Start time of every step, plus one final stamp after the last step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def tick(self) -> None:
+        self.times.append(time.perf_counter())
+
+
+# ----------------------------------------------------------------------------------------------- SFT
+def _sft_module(cfg: BenchConfig):
+    from vlsafe.methods.base import OptimSettings
+    from vlsafe.methods.sft import SFTModule
+
+    torch.manual_seed(cfg.seed)
+    return SFTModule(vlm=cfg.builder(), optim=OptimSettings(lr=cfg.lr, warmup_steps=0, schedule="constant"))
+
+
+def training_flops(module, batch: dict[str, Any]) -> float:
+    """Analytic FLOPs of one training step: 6·N per LLM token (forward + backward) plus 2·N per image patch
+    for a frozen tower's forward. Attention's quadratic term is left out (small at these lengths)."""
+    vlm = module.vlm
+    llm_params = sum(p.numel() for n, p in vlm.llm.named_parameters() if "embed_tokens" not in n)
+    vision_params = sum(p.numel() for p in vlm.vision.parameters())
+    projector_params = sum(p.numel() for p in vlm.projector.parameters())
+    tokens = real_tokens(batch)
+    images = int(batch["pixel_values"].shape[0])
+    patches = images * vlm.vision.num_patches
+    return 6.0 * llm_params * tokens + 2.0 * vision_params * patches + 6.0 * projector_params * patches
+
+
+def _sft_batches(cfg: BenchConfig, module) -> list[dict[str, Any]]:
+    samples = synthetic_samples("caption", 64, cfg.seed, cfg.image_size)
+    return batches(module.data_encoder("fit"), samples, cfg.batch_size, cfg.warmup_steps + cfg.timed_steps + 1)
+
+
+def fit_timed(cfg: BenchConfig, workdir: Path, module, data: list[dict[str, Any]], work: dict[str, float]) -> Result:
+    """`trainer.fit(module)` over `data` under Lightning (no logger/progress bar, like the baselines), timed per step."""
+    import lightning as L
+
+    clock, losses = _StepClock(), []
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock.tick()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+        def on_train_end(self, trainer, pl_module):
+            clock.tick()
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(data), logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],
+                        default_root_dir=str(workdir), num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    return _steps_result(clock.times, cfg, work, losses[0])
+
+
+def sft_vlsafe(cfg: BenchConfig, workdir: Path) -> Result:
+    """`SFTModule` under a Lightning Trainer."""
+    module = _sft_module(cfg)
+    data = _sft_batches(cfg, module)
+    work = _work(data, cfg.batch_size)
+    work["flops"] = sum(training_flops(module, b) for b in data) / len(data)
+    return fit_timed(cfg, workdir, module, data, work)
+
+
+def sft_plain_torch(cfg: BenchConfig, workdir: Path) -> Result:
+    """A hand-written PyTorch loop over transformers' `LlavaForConditionalGeneration`, same weights/batches."""
+    module = _sft_module(cfg)
+    data = _sft_batches(cfg, module)
+    model, _ = export_hf(module, workdir / "hf")
+    del module
+    model.train()
+    freeze_like_vlsafe(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    index = model.config.image_token_index
+    clock, losses = _StepClock(), []
+    for batch in data:
+        clock.tick()
+        out = model(**to_hf_inputs(batch, index), labels=hf_labels(batch))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(out.loss))
+    clock.tick()
+    return _steps_result(clock.times, cfg, _work(data, cfg.batch_size), losses[0])
+
+
+# ---------------------------------------------------------------------------------------- preference
+def preference_module(cfg: BenchConfig, **options: Any):
+    """The policy every preference contender starts from (same seed → same weights in every process)."""
+    from vlsafe.core.lora import LoraSettings
+    from vlsafe.methods.base import OptimSettings
+    from vlsafe.methods.preference import PreferenceModule
+
+    lora = options.pop("lora", False)
+    torch.manual_seed(cfg.seed)
+    return PreferenceModule(vlm=cfg.builder(), beta=0.1,
+                            lora=LoraSettings(r=16, alpha=32, dropout=0.0) if lora else None,
+                            optim=OptimSettings(lr=cfg.lr, warmup_steps=0, schedule="constant"), **options)
+
+
+def preference_batches(cfg: BenchConfig, module) -> list[dict[str, Any]]:
+    """Pairs (plus blind answers for BPO) without stored reference log-probs; callers add them if needed."""
+    from vlsafe.data.encoders import PreferenceEncoder
+
+    samples = synthetic_samples("preference", 64, cfg.seed, cfg.image_size)
+    encoder = PreferenceEncoder(module.processor, module.responses)
+    return batches(encoder, samples, cfg.batch_size, cfg.warmup_steps + cfg.timed_steps + 1)
+
+
+def _preference_contender(**options: Any) -> Callable[[BenchConfig, Path], Result]:
+    def run(cfg: BenchConfig, workdir: Path) -> Result:
+        precompute = options.get("reference") == "precomputed"
+        module = preference_module(cfg, **options)
+        data = preference_batches(cfg, module)
+        if precompute:  # what tools/precompute_reference.py stores in the shards (a one-off pass, not timed)
+            from vlsafe.methods.preference import batch_reference_logps
+
+            module.vlm.eval()
+            for batch in data:
+                batch["ref_logps"] = batch_reference_logps(module.vlm, batch)
+            module.vlm.train()
+        pairs = cfg.batch_size * (2 if options.get("blind") == "sum" else 1)
+        return fit_timed(cfg, workdir, module, data, _work(data, cfg.batch_size, pairs))
+
+    return run
+
+
+dpo_vlsafe = _preference_contender()
+dpo_vlsafe_per_sequence_images = _preference_contender(share_image_features=False)
+dpo_vlsafe_full_sequences = _preference_contender(share_prompt=False)
+dpo_vlsafe_precomputed_reference = _preference_contender(reference="precomputed")
+bpo_vlsafe = _preference_contender(blind="sum")
+dpo_vlsafe_lora_adapter_reference = _preference_contender(lora=True, reference="adapter")
+dpo_vlsafe_lora_copy_reference = _preference_contender(lora=True, reference="copy")
+
+
+def trl_inputs(batch: dict[str, Any], image_token_index: int) -> dict[str, torch.Tensor]:
+    """A vlsafe preference batch (chosen rows then rejected rows) in the layout TRL's DPO collator emits."""
+    inputs = to_hf_inputs(batch, image_token_index, copies=len(batch["responses"]))
+    inputs["completion_mask"] = (batch["labels"] != -100).long()
+    return inputs
+
+
+def trl_dpo_trainer(model, ref_model, data: list[dict[str, Any]], cfg: BenchConfig, workdir: Path):
+    """TRL's `DPOTrainer` on exactly `data` (a collator hands it our batches converted to its layout)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    index = model.config.image_token_index
+    queue = iter(data)
+
+    def collate(_examples):
+        return trl_inputs(next(queue), index)
+
+    rows = cfg.batch_size * len(data)
+    dataset = Dataset.from_dict({"image": list(range(rows)), "prompt": ["x"] * rows, "chosen": ["y"] * rows,
+                                 "rejected": ["z"] * rows})
+    fields = DPOConfig.__dataclass_fields__  # the flag was renamed; ours never checkpoints activations either
+    no_checkpointing = {"activation_checkpointing" if "activation_checkpointing" in fields
+                        else "gradient_checkpointing": False}
+    args = DPOConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=cfg.batch_size,
+                     max_steps=len(data), learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
+                     weight_decay=0.0, beta=0.1, max_length=None, **no_checkpointing,
+                     remove_unused_columns=False, report_to=[], save_strategy="no", logging_steps=10_000,
+                     use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=cfg.seed, bf16=False)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(workdir / "hf"))
+    return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                      processing_class=processor, data_collator=collate)
+
+
+def dpo_trl(cfg: BenchConfig, workdir: Path) -> Result:
+    """TRL's DPOTrainer (live reference model copy, its VLM path) on the same weights and pairs."""
+    from transformers import TrainerCallback
+
+    module = preference_module(cfg, reference="precomputed")  # no reference copy needed on our side
+    data = preference_batches(cfg, module)
+    model, _ = export_hf(module, workdir / "hf")
+    del module
+    freeze_like_vlsafe(model)
+    trainer = trl_dpo_trainer(model, frozen_copy(model), data, cfg, workdir)
+    clock, losses = _StepClock(), []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock.tick()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            clock.tick()
+
+    original = trainer.compute_loss
+
+    def compute_loss(*args: Any, **kwargs: Any):
+        loss = original(*args, **kwargs)
+        losses.append(float(loss[0] if isinstance(loss, tuple) else loss))
+        return loss
+
+    trainer.compute_loss = compute_loss
+    trainer.add_callback(Clock())
+    trainer.train()
+    return _steps_result(clock.times, cfg, _work(data, cfg.batch_size, cfg.batch_size), losses[0])
+
+
+# ------------------------------------------------------------------------------------- data loading
+def _data_sources(cfg: BenchConfig, workdir: Path) -> tuple[Path, Path, Path]:
+    """The same samples as WebDataset shards and as LLaVA-style JSON + one image file per sample."""
+    import json
+
+    from vlsafe.data.shards import write_shards
+
+    samples = synthetic_samples("caption", cfg.data_samples, cfg.seed, cfg.image_size)
+    shards = workdir / "shards"
+    write_shards(samples, shards, max_samples=max(1, cfg.data_samples // 4))
+    images = workdir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    for s in samples:
+        name = f"{s.id}.png"
+        (images / name).write_bytes(s.images[0])
+        records.append({"id": s.id, "image": name, "conversations": [
+            {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in s.messages]})
+    listing = workdir / "llava.json"
+    listing.write_text(json.dumps(records))
+    return shards, listing, images
+
+
+class _PerFileDataset(torch.utils.data.Dataset):
+    """What LLaVA-style trainers do: a JSON list in memory, one image file opened per `__getitem__`."""
+
+    def __init__(self, listing: Path, images: Path, encoder: Any):
+        import json
+
+        self.records, self.images, self.encoder = json.loads(listing.read_text()), images, encoder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from vlsafe.data.sources.llava import llava_record_to_sample
+
+        sample = llava_record_to_sample(self.records[i], self.images)
+        sample.images = [Path(p).read_bytes() for p in sample.images]  # one open() per image, as LLaVA does
+        return self.encoder.encode(sample)
+
+
+def _time_loader(loader, cfg: BenchConfig) -> Result:
+    images, start, first = 0, time.perf_counter(), None
+    for batch in loader:
+        if first is None:  # worker start-up is not throughput
+            first, start = batch, time.perf_counter()
+            continue
+        images += int(batch["pixel_values"].shape[0])
+    elapsed = time.perf_counter() - start
+    return {"step_seconds": [elapsed], "work_per_step": {"images": float(images)}, "first_loss": None}
+
+
+def data_webdataset(cfg: BenchConfig, workdir: Path) -> Result:
+    """vlsafe's ShardDataModule (WebDataset tars, 2 workers) decoding, preprocessing and tokenising."""
+    from vlsafe.data.datamodule import ShardDataModule
+    from vlsafe.data.encoders import ConversationEncoder
+
+    shards, _, _ = _data_sources(cfg, workdir)
+    processor = cfg.builder().build()[1]
+    dm = ShardDataModule(train=str(shards), batch_size=16, num_workers=2, shuffle_buffer=0)
+    dm.connect(ConversationEncoder(processor))
+    dm.setup("fit")
+    return _time_loader(dm.train_dataloader(), cfg)
+
+
+def data_per_file(cfg: BenchConfig, workdir: Path) -> Result:
+    """A map-style dataset over LLaVA JSON + image folder with a torch DataLoader (2 workers), same preprocessing."""
+    from vlsafe.data.encoders import ConversationEncoder
+
+    _, listing, images = _data_sources(cfg, workdir)
+    encoder = ConversationEncoder(cfg.builder().build()[1])
+    loader = torch.utils.data.DataLoader(_PerFileDataset(listing, images, encoder), batch_size=16, shuffle=True,
+                                         num_workers=2, collate_fn=encoder.collate)
+    return _time_loader(loader, cfg)
+
+
+# --------------------------------------------------------------------------------------- generation
+def _generation(cfg: BenchConfig, batch_size: int) -> Result:
+    from vlsafe.data.encoders import PromptEncoder
+
+    torch.manual_seed(cfg.seed)
+    vlm, processor = cfg.builder().build()
+    vlm.eval()
+    encoder = PromptEncoder(processor)
+    samples = synthetic_samples("qa", cfg.generate_prompts, cfg.seed, cfg.image_size)  # the answer is dropped
+    clock, new_tokens = _StepClock(), 0
+    clock.tick()
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            batch = encoder.collate([encoder.encode(s) for s in samples[i:i + batch_size]])
+            out = vlm.generate(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
+                               max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False,
+                               pad_token_id=processor.tokenizer.pad_token_id)
+            new_tokens += int(out.shape[0] * out.shape[1])
+    clock.tick()
+    return {"step_seconds": [clock.times[1] - clock.times[0]],
+            "work_per_step": {"tokens": float(new_tokens), "samples": float(len(samples))}, "first_loss": None}
+
+
+def generate_batched(cfg: BenchConfig, workdir: Path) -> Result:
+    """Batched greedy generation (left padding, KV cache) as `tools/evaluate.py` runs it."""
+    return _generation(cfg, batch_size=cfg.generate_prompts)
+
+
+def generate_one_by_one(cfg: BenchConfig, workdir: Path) -> Result:
+    """One prompt at a time, as most research eval scripts do."""
+    return _generation(cfg, batch_size=1)
+
+
+# -------------------------------------------------------------------------------------- utilisation
+def matmul_peak(cfg: BenchConfig, workdir: Path) -> Result:
+    """This machine's dense fp32 matmul FLOP/s (the denominator of model FLOP utilisation)."""
+    n = 1024 if cfg.hidden_size >= 256 else 256
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return {"step_seconds": times, "work_per_step": {"flops": 2.0 * n ** 3}, "first_loss": None}
+
+
+CONTENDERS: dict[str, Callable[[BenchConfig, Path], Result]] = {
+    "sft/vlsafe": sft_vlsafe,
+    "sft/plain_torch": sft_plain_torch,
+    "dpo/vlsafe": dpo_vlsafe,
+    "dpo/vlsafe_per_sequence_images": dpo_vlsafe_per_sequence_images,
+    "dpo/vlsafe_full_sequences": dpo_vlsafe_full_sequences,
+    "dpo/vlsafe_precomputed_reference": dpo_vlsafe_precomputed_reference,
+    "dpo/vlsafe_lora_adapter_reference": dpo_vlsafe_lora_adapter_reference,
+    "dpo/vlsafe_lora_copy_reference": dpo_vlsafe_lora_copy_reference,
+    "bpo/vlsafe": bpo_vlsafe,
+    "dpo/trl": dpo_trl,
+    "data/webdataset": data_webdataset,
+    "data/per_file": data_per_file,
+    "generate/batched": generate_batched,
+    "generate/one_by_one": generate_one_by_one,
+    "peak/matmul": matmul_peak,
+}

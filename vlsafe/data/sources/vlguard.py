@@ -1,0 +1,249 @@
+"""VLGuard (`train.json` / `test.json`) -> `Sample`s: safety SFT conversations and evaluation prompts.
+
+Input: a JSON list of `{"id", "image": "bad_ads/x.png", "safe": bool, "harmful_category"?,
+"harmful_subcategory"?, "instr-resp": [...]}` where a safe image has exactly two entries,
+`{"safe_instruction", "response"}` and `{"unsafe_instruction", "response"}` (the second response is a
+refusal), and an unsafe image exactly one, `{"instruction", "response"}` (a refusal).
+
+Training form (`vlguard_training_samples`) follows the released `convert_to_llava_format.py`:
+- one `random.seed(0)` stream for the whole file, and `random.shuffle` of each safe image's pair in file
+  order, so the unsafe turn comes first in about half the conversations, exactly as released;
+- safe image -> two turns; unsafe image -> one refusal turn; the other keys are kept (in `meta`).
+
+The released JSON puts `"<image>" + instruction` (no newline) in the first human turn. LLaVA's training code
+(`preprocess_multimodal`, which VLGuard's authors used unchanged) rewrites every turn holding `<image>` to
+`"<image>\\n" + text.strip()` before tokenising, so what the models were trained on is `<image>\\n`; we
+produce that same text through `vlsafe.data.sources.llava` (`move_image_first`), so VLGuard shards and
+LLaVA shards are tokenised identically. `vlguard_llava_records` returns the released JSON form as is.
+
+Evaluation form (`vlguard_eval_samples`) follows the released `utils.load_data`: `unsafes` (unsafe images,
+their instruction), `safe_unsafes` (safe images, the unsafe instruction), `safe_safes` (safe images, the
+safe instruction), each a one-turn prompt `"<image>\\n" + question` ending with the user turn.
+
+Rows that break these rules raise `SampleError` naming `vlguard-<id>` and the field; with an `errors` list
+they are counted and skipped instead. A skipped safe row still consumes its shuffle, so every other
+conversation keeps exactly the turn order of the released conversion.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator, MutableMapping
+
+from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.sources.llava import llava_record_to_sample, load_json_list
+
+SOURCE = "vlguard"
+SUBSETS = ("unsafes", "safe_unsafes", "safe_safes")
+#: The subset each instruction key answers in the evaluation, and whether the right response is a refusal.
+_SUBSET_OF_KEY = {"instruction": "unsafes", "unsafe_instruction": "safe_unsafes", "safe_instruction": "safe_safes"}
+SHOULD_REFUSE = {"unsafes": True, "safe_unsafes": True, "safe_safes": False}
+CONVERSION_SEED = 0  # `random.seed(0)` in the released convert_to_llava_format.py
+META_KEYS = ("harmful_category", "harmful_subcategory")
+
+
+# --------------------------------------------------------------------------------------- validation
+def _row_id(row: Any, position: int | None) -> str:
+    raw = row.get("id") if isinstance(row, dict) else None
+    if raw is None or isinstance(raw, bool) or not isinstance(raw, (str, int)) or str(raw).strip() == "":
+        return f"vlguard-<row {position}>" if position is not None else "vlguard-?"
+    return f"vlguard-{raw}"
+
+
+def _check_row(row: Any, position: int | None) -> tuple[str, list[tuple[str, str, str]]]:
+    """Validate one released row; return (sample id, [(instruction key, instruction, response), ...]).
+
+    The entries are returned in the row's order; the instruction key of an entry is its first key, as the
+    released script reads it (`list(d.values())[0]`), and it must be an instruction key (the released script
+    would silently use whatever came first).
+    """
+    sample_id = _row_id(row, position)
+    if not isinstance(row, dict):
+        raise SampleError(sample_id, "row", f"must be a JSON object, got {type(row).__name__}")
+    if sample_id.startswith("vlguard-<") or sample_id == "vlguard-?":
+        raise SampleError(sample_id, "id", f"must be a non-empty string or integer, got {row.get('id')!r}")
+    image = row.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise SampleError(sample_id, "image", f"must be a relative image path, got {image!r:.120}")
+    if Path(image).is_absolute() or ".." in Path(image).parts:
+        # a downloaded JSON must not pull files from outside the image folder into shards or evaluations
+        raise SampleError(sample_id, "image", f"{image!r:.120} points outside the image folder")
+    safe = row.get("safe")
+    if not isinstance(safe, bool):
+        raise SampleError(sample_id, "safe", f"must be true or false, got {safe!r:.60}")
+    entries = row.get("instr-resp")
+    expected = ("safe_instruction", "unsafe_instruction") if safe else ("instruction",)
+    if not isinstance(entries, list) or len(entries) != len(expected):
+        shape = f"a list of {len(entries)}" if isinstance(entries, list) else repr(entries)[:60]
+        raise SampleError(sample_id, "instr-resp", f"a {'safe' if safe else 'unsafe'} image needs exactly "
+                                                   f"{len(expected)} entr{'ies' if len(expected) > 1 else 'y'} "
+                                                   f"{list(expected)}, got {shape}")
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"instr-resp[{i}]"
+        if not isinstance(entry, dict) or not entry:
+            raise SampleError(sample_id, where, f"must be an object with an instruction and a response, "
+                                                f"got {entry!r:.80}")
+        key = next(iter(entry))
+        if key not in expected:
+            raise SampleError(sample_id, where, f"first key must be one of {list(expected)} for a "
+                                                f"{'safe' if safe else 'unsafe'} image, got {key!r}")
+        for field_name in (key, "response"):
+            value = entry.get(field_name)
+            if not isinstance(value, str) or not value.strip():
+                raise SampleError(sample_id, f"{where}.{field_name}", f"must be a non-empty string, got {value!r:.60}")
+        out.append((key, entry[key], entry["response"]))
+    if sorted(k for k, _, _ in out) != sorted(expected):
+        raise SampleError(sample_id, "instr-resp", f"needs one entry each of {list(expected)}, got "
+                                                   f"{[k for k, _, _ in out]}")
+    return sample_id, out
+
+
+def _meta(row: dict[str, Any]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"source": SOURCE, "vlguard_id": str(row["id"]), "image": row["image"], "safe": row["safe"]}
+    for key in META_KEYS:
+        if key in row:
+            meta[key] = row[key]
+    return meta
+
+
+def _image_path(image_folder: str | Path | None, image: str) -> str:
+    return str(Path(image_folder) / image) if image_folder else image
+
+
+# --------------------------------------------------------------------------------------- training form
+def _converted(rows: Iterable[Any], errors: list[dict[str, str]] | None, stats: MutableMapping[str, int],
+               where: str) -> Iterator[tuple[dict[str, Any], str, list[tuple[str, str, str]]]]:
+    """(row, sample id, entries in conversation order) per usable row, shuffled as the released script does."""
+    rng = random.Random(CONVERSION_SEED)
+    for position, row in enumerate(rows):
+        stats["rows"] += 1
+        entries = row.get("instr-resp") if isinstance(row, dict) else None
+        order = list(range(len(entries))) if isinstance(entries, list) else []
+        if isinstance(row, dict) and row.get("safe") and isinstance(entries, list):
+            # the shuffle draws depend only on the list length, so shuffling positions is the released
+            # `random.shuffle(instr_resp)`; it happens even if the row turns out unusable, so later rows keep
+            # the released order, and errors name entries by their position in the file
+            rng.shuffle(order)
+        try:
+            sample_id, checked = _check_row(row, position)
+            checked = [checked[i] for i in order]
+        except SampleError as err:
+            stats["skipped"] += 1
+            if errors is None:
+                raise SampleError(err.sample_id, err.field_name, err.problem, f"{where} row {position}") from None
+            errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+            continue
+        yield row, sample_id, checked
+
+
+def vlguard_llava_records(rows: Iterable[Any], errors: list[dict[str, str]] | None = None,
+                          stats: MutableMapping[str, int] | None = None, where: str = "VLGuard") -> Iterator[dict]:
+    """The released LLaVA-format records (`<image>` glued to the first instruction, no newline), for export
+    or comparison with `data/train_llava_format.json`."""
+    stats = stats if stats is not None else Counter()
+    for row, _, entries in _converted(rows, errors, stats, where):
+        record = {k: v for k, v in row.items() if k != "instr-resp"}
+        record["conversations"] = _released_conversations(entries)
+        yield record
+
+
+def _released_conversations(entries: list[tuple[str, str, str]]) -> list[dict[str, str]]:
+    """LLaVA turns as the released script writes them: `"<image>" + instruction` (no newline) first."""
+    conversations = []
+    for turn, (_, instruction, response) in enumerate(entries):
+        prefix = IMAGE_PLACEHOLDER if turn == 0 else ""
+        conversations += [{"from": "human", "value": prefix + instruction}, {"from": "gpt", "value": response}]
+    return conversations
+
+
+def vlguard_training_samples(json_paths: str | Path | list[str | Path], image_folder: str | Path | None = None,
+                             errors: list[dict[str, str]] | None = None,
+                             stats: MutableMapping[str, int] | None = None) -> Iterator[Sample]:
+    """Training conversations (see the module docstring). Each file is converted with its own seed-0 stream,
+    as the released script converts `train.json`. `meta["turn_order"]` lists the instruction keys in
+    conversation order, `labels["image_safe"]` is 1 for safe images."""
+    stats = stats if stats is not None else Counter()
+    paths = [json_paths] if isinstance(json_paths, (str, Path)) else list(json_paths)
+    for path in paths:
+        for row, sample_id, entries in _converted(load_json_list(path), errors, stats, str(path)):
+            record = {"id": sample_id, "image": row["image"], "conversations": _released_conversations(entries)}
+            # the LLaVA converter applies LLaVA's `<image>\n` normalisation (see the module docstring)
+            sample = llava_record_to_sample(record, image_folder, source=SOURCE)
+            sample.meta = {**_meta(row), "turn_order": [key for key, _, _ in entries]}
+            sample.labels = {"image_safe": float(row["safe"])}
+            stats["safe_images" if row["safe"] else "unsafe_images"] += 1
+            if row["safe"] and entries[0][0] == "unsafe_instruction":
+                stats["unsafe_turn_first"] += 1
+            yield sample
+
+
+# --------------------------------------------------------------------------------------- evaluation form
+def vlguard_eval_samples(test_json: str | Path | list[dict[str, Any]], images: str | Path | None, subset: str,
+                         errors: list[dict[str, str]] | None = None,
+                         stats: MutableMapping[str, int] | None = None) -> list[Sample]:
+    """Prompts of one evaluation subset (`unsafes`, `safe_unsafes` or `safe_safes`), in file order.
+
+    Each sample is a single user turn `"<image>\n" + question` (what VLGuard's `model_inference` sends)
+    with `meta`: `subset`, `should_refuse` (True for `unsafes` and `safe_unsafes`), `reference` (the
+    dataset's response to that instruction), `image` (the relative path, which keys VLGuard's result
+    files and the GPT-4V reference answers) and the categories. Ids are `vlguard-<subset>-<id>`.
+    `test_json` may be a path or the already-loaded list of rows.
+    """
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown VLGuard subset {subset!r}; choose from {SUBSETS}")
+    stats = stats if stats is not None else Counter()
+    where = str(test_json) if isinstance(test_json, (str, Path)) else "VLGuard rows"
+    rows = load_json_list(test_json) if isinstance(test_json, (str, Path)) else test_json
+    want_safe = subset != "unsafes"
+    out = []
+    for position, row in enumerate(rows):
+        try:
+            sample_id, entries = _check_row(row, position)
+        except SampleError as err:
+            stats["skipped"] += 1
+            if errors is None:
+                raise SampleError(err.sample_id, err.field_name, err.problem, f"{where} row {position}") from None
+            errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+            continue
+        if row["safe"] != want_safe:
+            continue
+        key, question, response = next(e for e in entries if _SUBSET_OF_KEY[e[0]] == subset)
+        meta = {**_meta(row), "subset": subset, "should_refuse": SHOULD_REFUSE[subset], "reference": response,
+                "instruction_key": key}
+        out.append(Sample(id=f"vlguard-{subset}-{row['id']}", images=[_image_path(images, row["image"])],
+                          messages=[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question.strip()}"}],
+                          meta=meta, labels={"image_safe": float(row["safe"]),
+                                             "request_safe": float(not SHOULD_REFUSE[subset])}))
+        stats[subset] += 1
+    return out
+
+
+# ------------------------------------------------------------------------------ tools/make_shards.py
+CLI_NAME = "vlguard"
+CLI_HELP = "VLGuard train.json (safety SFT conversations) or test.json (--eval-subsets prompts) + image folder"
+
+
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("--json", nargs="+", required=True, help="VLGuard train.json / test.json file(s)")
+    parser.add_argument("--images", required=True, help="folder the 'image' paths are relative to (unzipped "
+                                                        "train.zip / test.zip)")
+    parser.add_argument("--eval-subsets", nargs="+", choices=SUBSETS, default=None,
+                        help="write evaluation prompts of these subsets (one user turn each) instead of "
+                             "training conversations")
+
+
+def cli_samples(args, errors: list[dict[str, str]] | None, stats: MutableMapping[str, int]) -> Iterator[Sample]:
+    if not args.eval_subsets:
+        return vlguard_training_samples(args.json, args.images, errors, stats)
+
+    def prompts() -> Iterator[Sample]:
+        for path in args.json:
+            rows = load_json_list(path)
+            for subset in args.eval_subsets:
+                # malformed rows are reported once, by the first subset
+                first = subset == args.eval_subsets[0]
+                yield from vlguard_eval_samples(rows if not first else path, args.images, subset,
+                                                errors if first else [], stats if first else Counter())
+    return prompts()

@@ -1,0 +1,242 @@
+"""PerceptionGPT: boxes and masks through a `<loc>` token instead of coordinate text.
+
+- A `<loc>` token is added to the tokenizer; its new input/output embedding rows start at the mean of the
+  old rows (as the released code does).
+- Output side: the final hidden state that predicts `<loc>` (position - 1) is decoded into a normalised
+  xyxy box (MLP + sigmoid) and a mask (a small two-way-attention decoder over the vision tower's patch
+  features, see `vlsafe.perception.heads`).
+- Input side: every `<loc>` embedding is replaced by `box_encoder(box)`: boxes in questions, and, by
+  teacher forcing, the ground-truth boxes at answer positions (the released code's training).
+- Loss: `lm * CE + box_l1 * L1 + box_giou * (1 - GIoU) + mask_bce * BCE + mask_dice * Dice`.
+- LoRA (if set) adapts the LLM; the heads, and by default the token embeddings and LM head (which hold the
+  new `<loc>` rows), train fully.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torchmetrics import MeanMetric
+
+from vlsafe.core.lora import is_peft
+from vlsafe.core.vlm import position_ids_from_mask
+from vlsafe.data.perception_encoders import PerceptionEncoder, PerceptionPromptEncoder
+from vlsafe.data.perception_templates import LOC_TOKEN
+from vlsafe.methods.base import VLMModule, _as
+from vlsafe.methods.sft import masked_lm_loss, supervised_positions
+from vlsafe.perception.generation import PerceptionOutput, generate_with_perception
+from vlsafe.perception.heads import MaskDecoderSettings, PerceptionHeads
+from vlsafe.perception.losses import LossWeights, perception_losses
+from vlsafe.perception.metrics import GroundingMetrics
+from vlsafe.perception.splice import splice_loc_embeddings, target_loc_hidden
+
+
+def add_perception_tokens(llm: torch.nn.Module, tokenizer, tokens: list[str]) -> list[int]:
+    """Add `tokens` to the tokenizer and both embedding matrices; new rows = mean of the old rows."""
+    base = llm.get_base_model() if is_peft(llm) else llm
+    old = base.get_input_embeddings().weight.shape[0]
+    tokenizer.add_tokens([t for t in tokens if t not in tokenizer.get_vocab()])
+    if len(tokenizer) > old:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for matrix in (base.get_input_embeddings(), base.get_output_embeddings()):
+                if matrix is not None and matrix.weight.shape[0] > old:
+                    matrix.weight[old:] = matrix.weight[:old].mean(0, keepdim=True)
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+class PerceptionModule(VLMModule):
+    """LM loss + box (L1, GIoU) + mask (BCE, Dice) losses around a `<loc>` perception token.
+
+    - `loss_weights`: `LossWeights` fields (`lm`, `box_l1`, `box_giou`, `mask_bce`, `mask_dice`).
+    - `box_hidden` / `box_layers`: the box decoder/encoder MLPs (released: 512, 3).
+    - `mask_decoder`: `MaskDecoderSettings`; `mask_size`: side of predicted/target masks in the square frame
+      (default: the image size the tower sees).
+    - `train_embeddings`: keep the token embeddings and LM head trainable under LoRA (the released code does;
+      they hold the new `<loc>` rows). `head_lr`: learning rate of the heads (default `optim.lr`).
+    - `mask_threshold`: probability above which a pixel counts as inside (released evaluation: 0.35).
+    - `text_boxes`: also read "[x1, y1, x2, y2]" text boxes in samples as `<loc>` (the synthetic world's
+      grounding answers are written that way).
+    """
+
+    def __init__(self, *args: Any, loss_weights: LossWeights | dict | None = None, box_hidden: int = 512,
+                 box_layers: int = 3, mask_decoder: MaskDecoderSettings | dict | None = None,
+                 mask_size: int | None = None, train_embeddings: bool = True, head_lr: float | None = None,
+                 mask_threshold: float = 0.35, text_boxes: bool = True, **kwargs: Any):
+        self.loss_weights = _as(LossWeights, loss_weights) or LossWeights()
+        self.mask_settings = _as(MaskDecoderSettings, mask_decoder) or MaskDecoderSettings()
+        self.box_hidden, self.box_layers, self.mask_size_setting = box_hidden, box_layers, mask_size
+        self.train_embeddings, self.head_lr = train_embeddings, head_lr
+        self.mask_threshold, self.text_boxes = mask_threshold, text_boxes
+        super().__init__(*args, **kwargs)
+        (self.loc_token_id,) = add_perception_tokens(self.vlm.llm, self.processor.tokenizer, [LOC_TOKEN])
+        if self.lora is not None or not self.hparams["train_llm"]:
+            base = self.vlm.llm.get_base_model() if is_peft(self.vlm.llm) else self.vlm.llm
+            for matrix in (base.get_input_embeddings(), base.get_output_embeddings()):
+                if matrix is not None:
+                    matrix.requires_grad_(train_embeddings)
+        self.mask_size = mask_size or self.processor.image_size
+        self.heads = PerceptionHeads(self.vlm.llm_config.hidden_size, self.vlm.vision.hidden_size, self.mask_size,
+                                     box_hidden, box_layers, self.mask_settings)
+        self.val_metrics = GroundingMetrics(mask_threshold)
+        self.val_losses = torch.nn.ModuleDict({name: MeanMetric() for name in
+                                               ("loss", "lm", "box_l1", "box_giou", "mask_bce", "mask_dice")})
+
+    def extra_hparams(self) -> dict[str, Any]:
+        return {"loss_weights": asdict(self.loss_weights), "box_hidden": self.box_hidden,
+                "box_layers": self.box_layers, "mask_decoder": asdict(self.mask_settings),
+                "mask_size": self.mask_size_setting, "train_embeddings": self.train_embeddings,
+                "head_lr": self.head_lr, "mask_threshold": self.mask_threshold, "text_boxes": self.text_boxes}
+
+    # ------------------------------------------------------------------ data
+    def data_encoder(self, stage: str):
+        cls = PerceptionPromptEncoder if stage == "predict" else PerceptionEncoder
+        return cls(self.processor, self.loc_token_id, self.mask_size, self.text_boxes)
+
+    # ------------------------------------------------------------------ optimisation
+    def _param_groups(self) -> list[dict[str, Any]]:
+        groups = super()._param_groups()
+        lr = self.optim.lr if self.head_lr is None else self.head_lr
+        decay = [p for n, p in self.heads.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
+        no_decay = [p for n, p in self.heads.named_parameters()
+                    if p.requires_grad and not (p.ndim >= 2 and "norm" not in n)]
+        groups.append({"params": decay, "lr": lr, "weight_decay": self.optim.weight_decay, "name": "perception"})
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "perception_no_decay"})
+        return groups
+
+    def on_fit_start(self) -> None:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        heads = sum(p.numel() for p in self.heads.parameters())
+        self.print(f"vlsafe: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%), "
+                   f"{heads:,} in the perception heads")
+
+    # ------------------------------------------------------------------ forward
+    def forward_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One teacher-forced pass: LM logits on supervised positions, boxes and mask logits per target `<loc>`."""
+        pixels = batch.get("pixel_values")
+        vision = features = None
+        if pixels is not None and pixels.numel():
+            vision = self.vlm.vision_features(pixels)
+            features = self.vlm.project(vision)
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        embeddings = self.vlm.embed(input_ids, features)
+        loc_boxes = batch["loc_boxes"].to(embeddings.device)
+        embeddings = splice_loc_embeddings(embeddings, input_ids, self.loc_token_id, self.heads.box_encoder(loc_boxes))
+        positions, targets = supervised_positions(labels)
+        out = self.vlm.llm(inputs_embeds=embeddings, attention_mask=batch["attention_mask"],
+                           position_ids=position_ids_from_mask(batch["attention_mask"]), logits_to_keep=positions,
+                           output_hidden_states=True, use_cache=False)
+        states, is_target = target_loc_hidden(out.hidden_states[-1], input_ids, labels, self.loc_token_id)
+        result = {"logits": out.logits, "targets": targets, "pred_boxes": self.heads.box_decoder(states),
+                  "target_boxes": loc_boxes[is_target], "mask_logits": None, "mask_rows": None}
+        valid = batch["target_mask_valid"].to(states.device) & (batch["target_image"].to(states.device) >= 0)
+        if vision is not None and bool(valid.any()):
+            rows = valid.nonzero().squeeze(-1)
+            images = batch["target_image"].to(states.device)[rows]
+            result["mask_logits"] = self.heads.mask_decoder(states[rows], vision[images], pixels[images])
+            result["mask_rows"] = rows
+        return result
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        result = self.forward_batch(batch)
+        lm, correct, n_tokens = masked_lm_loss(result["logits"], result["targets"])
+        terms = {"lm": lm}
+        if result["pred_boxes"].shape[0]:
+            target_masks = None
+            if result["mask_rows"] is not None:
+                target_masks = batch["target_masks"].to(result["mask_logits"].device)[result["mask_rows"]]
+            terms.update(perception_losses(result["pred_boxes"], result["target_boxes"], result["mask_logits"],
+                                           target_masks))
+        weights = asdict(self.loss_weights)
+        loss = sum(weights[name] * value for name, value in terms.items())
+        terms["token_acc"] = correct.float() / max(n_tokens, 1)
+        return loss, terms, result
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, terms, _ = self.compute_loss(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), batch_size=size, prog_bar=name == "box_giou")
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        """Teacher-forced evaluation (what the released `validate` does): GT text, GT `<loc>` positions."""
+        loss, terms, result = self.compute_loss(batch)
+        self.val_losses["loss"].update(loss)
+        for name, value in terms.items():
+            if name in self.val_losses:
+                self.val_losses[name].update(value)
+        pred_masks = gt_masks = None
+        if result["mask_rows"] is not None:
+            pred_masks = torch.zeros_like(batch["target_masks"], dtype=torch.bool)
+            pred_masks[result["mask_rows"]] = result["mask_logits"].float().sigmoid() > self.mask_threshold
+            gt_masks = batch["target_masks"] > 0.5
+        has_mask = torch.zeros_like(batch["target_mask_valid"])
+        if result["mask_rows"] is not None:
+            has_mask[result["mask_rows"]] = True
+        self.val_metrics.update(result["pred_boxes"].detach().float().clamp(0, 1), result["target_boxes"],
+                                pred_masks, gt_masks, has_mask)
+        size = batch["input_ids"].shape[0]
+        for name, metric in self.val_losses.items():
+            self.log(f"{stage}/{name}", metric, batch_size=size)
+
+    def _log_grounding(self, stage: str) -> None:
+        summary = self.val_metrics.compute()
+        for name, value in summary.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("acc@0.5", "ciou"))
+        self.val_metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_grounding("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_grounding("test")
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate_perception(self, batch: dict[str, Any], decode_masks: bool = True,
+                            **overrides: Any) -> list[PerceptionOutput]:
+        """Generate for a `PerceptionPromptEncoder` batch; boxes and masks come back with the tokens."""
+        settings = {**asdict(self.generation), **overrides}
+        device = self.device
+        pixels = batch.get("pixel_values")
+        return generate_with_perception(
+            self.vlm, self.heads, self.loc_token_id, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+            pixels.to(device) if pixels is not None else None, batch["loc_boxes"].to(device),
+            batch["image_index"].to(device), max_new_tokens=settings["max_new_tokens"],
+            eos_token_id=self.processor.tokenizer.eos_token_id, pad_token_id=self.processor.pad_token_id,
+            do_sample=settings["do_sample"], temperature=settings["temperature"], decode_masks=decode_masks)
+
+    @torch.no_grad()
+    def generate_batch(self, batch: dict[str, Any], **overrides: Any) -> list[str]:
+        """Text of each answer, `<loc>` included (boxes: `generate_perception`)."""
+        if "loc_boxes" not in batch:  # a plain PromptEncoder batch: the prompt has no boxes
+            batch = {**batch, "loc_boxes": torch.zeros(0, 4), "image_index": _image_index(batch)}
+        return [self.processor.decode(o.token_ids) for o in self.generate_perception(batch, decode_masks=False,
+                                                                                     **overrides)]
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        outputs = self.generate_perception(batch, decode_masks=False)
+        return [{"id": i, "response": self.processor.decode(o.token_ids), "reference": ref,
+                 "boxes": [[round(v, 4) for v in b.tolist()] for b in o.boxes]}
+                for i, o, ref in zip(batch["ids"], outputs, batch["references"])]
+
+
+def _image_index(batch: dict[str, Any]) -> torch.Tensor:
+    """First-image index per row for a batch without one: rows are assumed to hold one image each."""
+    rows = batch["input_ids"].shape[0]
+    pixels = batch.get("pixel_values")
+    if pixels is None or pixels.shape[0] == 0:
+        return torch.full((rows,), -1, dtype=torch.long)
+    if pixels.shape[0] != rows:
+        raise ValueError("generate_batch without image_index needs exactly one image per row")
+    return torch.arange(rows)

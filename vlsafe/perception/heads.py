@@ -1,0 +1,186 @@
+"""The perception heads around the LLM: box decoder, box encoder and mask decoder.
+
+Mask decoder design (ours, smaller than the released SAM decoder, for the reasons below):
+- Inputs: the `<loc>` hidden state (mapped to a prompt token) and the vision tower's patch features (the
+  same features the projector reads, so no second tower run), plus optionally the image pixels.
+- Two tokens (a learned mask token and the prompt) go through `depth` two-way attention blocks in the SAM
+  pattern (token self-attention, token->image cross-attention, MLP, image->token cross-attention) with a
+  fixed 2-D sin-cos position code on the image side, then a final token->image attention.
+- The updated image grid is upsampled 4x by two transposed convolutions; a hypernetwork MLP turns the
+  mask token into per-channel weights, and the mask logits are their dot product with the upsampled map.
+- `pixel_skip`: a two-layer convolution on the full-resolution pixels joins the upsampled map before the
+  dot product. It stands in for the released code's second, stride-8 CLIP pass: a patch grid (24x24 at
+  336 px, 8x8 in the tiny demo model) cannot place mask edges more finely than a patch, and a few
+  convolutions on the pixels restore that detail at a fraction of a second ViT pass.
+- Width `dim` is a setting (256 by default) instead of SAM's fixed 1024: the decoder reads a 24x24 grid,
+  not SAM's 64x64 image embedding, and the width is what dominates its cost.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlsafe.perception.boxes import cxcywh_to_xyxy
+
+
+class MLP(nn.Module):
+    """`num_layers` linear layers with ReLU between them and nothing after the last."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class BoxDecoder(nn.Module):
+    """`<loc>` hidden state -> normalised xyxy box.
+
+    The MLP predicts sigmoid (cx, cy, w, h), converted to xyxy, so every prediction is a valid box
+    (x2 >= x1) and GIoU is well defined from the first step. The last layer starts at zero, so the first
+    prediction is the centred box (0.25, 0.25, 0.75, 0.75), as the released code's zero-init + sigmoid.
+    """
+
+    def __init__(self, llm_hidden: int, hidden_dim: int = 512, num_layers: int = 3):
+        super().__init__()
+        self.mlp = MLP(llm_hidden, hidden_dim, 4, num_layers)
+        nn.init.zeros_(self.mlp.layers[-1].weight)
+        nn.init.zeros_(self.mlp.layers[-1].bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return cxcywh_to_xyxy(self.mlp(hidden).sigmoid())
+
+
+class BoxEncoder(nn.Module):
+    """Normalised xyxy box -> an LLM input embedding for the `<loc>` position (4 -> hidden -> llm_hidden)."""
+
+    def __init__(self, llm_hidden: int, hidden_dim: int = 512, num_layers: int = 3):
+        super().__init__()
+        self.mlp = MLP(4, hidden_dim, llm_hidden, num_layers)
+
+    def forward(self, boxes: torch.Tensor) -> torch.Tensor:
+        return self.mlp(boxes)
+
+
+def sincos_2d(dim: int, grid: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(grid * grid, dim) fixed 2-D sine-cosine position code (half the channels per axis)."""
+    if dim % 4:
+        raise ValueError(f"position-code width must be a multiple of 4, got {dim}")
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
+    coords = torch.arange(grid, device=device, dtype=torch.float32)
+    angles = coords[:, None] * freqs[None]  # (grid, quarter)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (grid, dim / 2)
+    ys, xs = torch.meshgrid(torch.arange(grid, device=device), torch.arange(grid, device=device), indexing="ij")
+    return torch.cat([axis[ys.flatten()], axis[xs.flatten()]], dim=-1).to(dtype)
+
+
+class TwoWayBlock(nn.Module):
+    """SAM's two-way block: tokens attend to themselves and to the image, then the image to the tokens."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.token_to_image = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.image_to_token = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.norms[0](tokens + self.self_attn(tokens, tokens, tokens, need_weights=False)[0])
+        keys = image + pos
+        tokens = self.norms[1](tokens + self.token_to_image(tokens, keys, image, need_weights=False)[0])
+        tokens = self.norms[2](tokens + self.mlp(tokens))
+        image = self.norms[3](image + self.image_to_token(keys, tokens, tokens, need_weights=False)[0])
+        return tokens, image
+
+
+@dataclass
+class MaskDecoderSettings:
+    """Size of the mask decoder; see the module docstring for the design."""
+
+    dim: int = 256
+    heads: int = 8
+    depth: int = 2
+    mlp_dim: int = 1024
+    pixel_skip: bool = True
+    pixel_channels: int = 16
+
+
+class MaskDecoder(nn.Module):
+    """(`<loc>` hidden, patch features[, pixels]) -> mask logits (N, out_size, out_size) in the square frame."""
+
+    def __init__(self, llm_hidden: int, vision_hidden: int, out_size: int, settings: MaskDecoderSettings | None = None):
+        super().__init__()
+        s = settings or MaskDecoderSettings()
+        if s.dim % 4:
+            raise ValueError(f"mask decoder dim must be a multiple of 4, got {s.dim}")
+        self.settings, self.out_size = s, out_size
+        self.prompt = nn.Linear(llm_hidden, s.dim)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, s.dim) * 0.02)
+        self.image_in = nn.Sequential(nn.LayerNorm(vision_hidden), nn.Linear(vision_hidden, s.dim))
+        self.blocks = nn.ModuleList(TwoWayBlock(s.dim, s.heads, s.mlp_dim) for _ in range(s.depth))
+        self.final_attn = nn.MultiheadAttention(s.dim, s.heads, batch_first=True)
+        self.final_norm = nn.LayerNorm(s.dim)
+        channels = s.dim // 4
+        self.upscale = nn.Sequential(
+            nn.ConvTranspose2d(s.dim, s.dim // 2, 2, stride=2), nn.GroupNorm(1, s.dim // 2), nn.GELU(),
+            nn.ConvTranspose2d(s.dim // 2, channels, 2, stride=2), nn.GELU())
+        if s.pixel_skip:
+            self.pixels = nn.Sequential(nn.Conv2d(3, s.pixel_channels, 3, padding=1), nn.GELU(),
+                                        nn.Conv2d(s.pixel_channels, s.pixel_channels, 3, padding=1), nn.GELU())
+            self.fuse = nn.Sequential(nn.Conv2d(channels + s.pixel_channels, channels, 1), nn.GELU(),
+                                      nn.Conv2d(channels, channels, 3, padding=1))
+        self.hyper = MLP(s.dim, s.dim, channels, 3)
+
+    def forward(self, hidden: torch.Tensor, patch_features: torch.Tensor,
+                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden` (N, llm_hidden), `patch_features` (N, P, vision_hidden) with P a square grid,
+        `pixel_values` (N, 3, S, S) when `pixel_skip` is on."""
+        n, num_patches, _ = patch_features.shape
+        grid = int(math.isqrt(num_patches))
+        if grid * grid != num_patches:
+            raise ValueError(f"mask decoder needs a square patch grid, got {num_patches} patches")
+        dtype = self.prompt.weight.dtype
+        image = self.image_in(patch_features.to(dtype))
+        pos = sincos_2d(self.settings.dim, grid, image.device, image.dtype).unsqueeze(0)
+        tokens = torch.cat([self.mask_token.expand(n, -1, -1), self.prompt(hidden.to(dtype)).unsqueeze(1)], dim=1)
+        for block in self.blocks:
+            tokens, image = block(tokens, image, pos)
+        tokens = self.final_norm(tokens + self.final_attn(tokens, image + pos, image, need_weights=False)[0])
+        features = self.upscale(image.transpose(1, 2).reshape(n, -1, grid, grid))
+        if self.settings.pixel_skip:
+            if pixel_values is None:
+                raise ValueError("this mask decoder has pixel_skip=True and needs the image pixels")
+            pixels = pixel_values.to(dtype)
+            features = F.interpolate(features, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+            features = self.fuse(torch.cat([features, self.pixels(pixels)], dim=1))
+        weights = self.hyper(tokens[:, 0])
+        logits = torch.einsum("nc,nchw->nhw", weights, features)
+        if logits.shape[-1] != self.out_size:
+            logits = F.interpolate(logits.unsqueeze(1).float(), size=(self.out_size, self.out_size), mode="bilinear",
+                                   align_corners=False).squeeze(1)
+        return logits
+
+
+class PerceptionHeads(nn.Module):
+    """Everything PerceptionGPT adds around the LLM, in one module (so it has one learning rate group)."""
+
+    def __init__(self, llm_hidden: int, vision_hidden: int, mask_size: int, box_hidden: int = 512,
+                 box_layers: int = 3, mask: MaskDecoderSettings | None = None):
+        super().__init__()
+        self.box_decoder = BoxDecoder(llm_hidden, box_hidden, box_layers)
+        self.box_encoder = BoxEncoder(llm_hidden, box_hidden, box_layers)
+        self.mask_decoder = MaskDecoder(llm_hidden, vision_hidden, mask_size, mask)

@@ -1,0 +1,18 @@
+"""MLLM-Protector for vlsafe: a harm detector and a detoxifier that guard any VLM's answers at inference.
+
+- `HarmDetector.p_safe(questions, answers)`: P(safe) per answer (label semantics 1 = safe everywhere);
+- `Detoxifier.rewrite(questions, answers)`: harmless rewrites;
+- `GuardedGenerator`: VLM → detector → detoxifier (or the fixed refusal `REFUSAL`).
+
+Training lives in `vlsafe.methods.harm_detector.HarmDetectorModule` and
+`vlsafe.methods.detoxifier.DetoxifierModule`; input formats in `vlsafe.data.text_encoders`.
+"""
+from __future__ import annotations
+
+from vlsafe.data.text_encoders import DETECTOR_TEMPLATE, DETOX_TEMPLATE, REFUSAL
+from vlsafe.protector.detector import HarmDetector
+from vlsafe.protector.detoxifier import Detoxifier
+from vlsafe.protector.guard import GuardedAnswer, GuardedGenerator
+
+__all__ = ["HarmDetector", "Detoxifier", "GuardedGenerator", "GuardedAnswer", "REFUSAL", "DETECTOR_TEMPLATE",
+           "DETOX_TEMPLATE"]

@@ -1,0 +1,76 @@
+"""`HarmDetector`: batched P(safe) for (question, answer) pairs — the guard's gate and the eval judge.
+
+Inputs are formatted exactly as in training (`vlsafe.data.text_encoders.format_detector_input`). At
+inference nothing may be dropped, so an input longer than `max_length` tokens is cut to its first
+`max_length` tokens and counted in `self.truncated` (training refuses such samples instead).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from vlsafe.data.text_encoders import DEFAULT_MAX_LENGTH, format_detector_input, pad_batch
+
+
+class HarmDetector:
+    """Score answers with a one-logit sequence classifier; label semantics 1 = safe."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int = DEFAULT_MAX_LENGTH,
+                 batch_size: int = 16, threshold: float = 0.5):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_length, self.batch_size, self.threshold = max_length, batch_size, threshold
+        self.truncated = 0
+
+    @classmethod
+    def from_module(cls, module: Any, **kwargs: Any) -> "HarmDetector":
+        """Wrap a (trained) `HarmDetectorModule`, sharing its weights."""
+        kwargs.setdefault("max_length", module.max_length)
+        kwargs.setdefault("threshold", module.threshold)
+        return cls(module.model, module.tokenizer, **kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path, torch_dtype: str | None = None, device: str | None = None,
+             **kwargs: Any) -> "HarmDetector":
+        """From a vlsafe training checkpoint (`.ckpt`) or a standalone merged model folder."""
+        from vlsafe.protector.loading import load_hf_folder, load_text_module
+
+        if Path(path).is_file():
+            from vlsafe.methods.harm_detector import HarmDetectorModule
+
+            module = load_text_module(path, HarmDetectorModule)
+            detector = cls.from_module(module, **kwargs)
+        else:
+            detector = cls(*load_hf_folder(path, "classifier", torch_dtype), **kwargs)
+        if device:
+            detector.model.to(device)
+        return detector
+
+    def encode(self, question: str, answer: str) -> list[int]:
+        ids = self.tokenizer(format_detector_input(question, answer))["input_ids"]
+        if len(ids) > self.max_length:
+            self.truncated += 1
+            ids = ids[:self.max_length]
+        return list(ids)
+
+    @torch.no_grad()
+    def p_safe(self, questions: Sequence[str], answers: Sequence[str]) -> list[float]:
+        """Probability that each answer is safe (sigmoid of the logit), batched, in input order."""
+        if len(questions) != len(answers):
+            raise ValueError(f"got {len(questions)} questions but {len(answers)} answers")
+        device = next(self.model.parameters()).device
+        rows = [self.encode(q, a) for q, a in zip(questions, answers)]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+        scores = [0.0] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            batch = pad_batch([rows[i] for i in chunk], self.tokenizer.pad_token_id, "right")
+            logits = self.model(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device)).logits.view(-1)
+            for i, p in zip(chunk, torch.sigmoid(logits.float()).tolist()):
+                scores[i] = p
+        return scores
+
+    def is_harmful(self, questions: Sequence[str], answers: Sequence[str]) -> list[bool]:
+        return [p < self.threshold for p in self.p_safe(questions, answers)]

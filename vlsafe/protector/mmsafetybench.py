@@ -1,0 +1,80 @@
+"""Read an MM-SafetyBench folder as prompt `Sample`s (for guarded generation and evaluation).
+
+Layout: `processed_questions/{scenario}.json` (a dict keyed by "0", "1", ... with `Question`,
+`Rephrased Question`, `Rephrased Question(SD)`, ...) and `imgs/{scenario}/{SD|SD_TYPO|TYPO}/{id}.jpg`.
+Query/image pairing is MM-SafetyBench's standard one (SD ↔ `Rephrased Question(SD)`, SD_TYPO and TYPO ↔
+`Rephrased Question`, TEXT ↔ `Question` without an image); the released MLLM-Protector evaluation pairs
+TYPO with `Rephrased Question(SD)`, which we do not copy.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, MutableMapping
+
+from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+
+SCENARIOS = ("01-Illegal_Activitiy", "02-HateSpeech", "03-Malware_Generation", "04-Physical_Harm", "05-EconomicHarm",
+             "06-Fraud", "07-Sex", "08-Political_Lobbying", "09-Privacy_Violence", "10-Legal_Opinion",
+             "11-Financial_Advice", "12-Health_Consultation", "13-Gov_Decision")
+QUESTION_FIELD = {"SD": "Rephrased Question(SD)", "SD_TYPO": "Rephrased Question", "TYPO": "Rephrased Question",
+                  "TEXT": "Question"}
+KINDS = tuple(QUESTION_FIELD)
+
+
+def available_scenarios(root: str | Path) -> list[str]:
+    folder = Path(root) / "processed_questions"
+    if not folder.is_dir():
+        raise ValueError(f"{root}: no processed_questions/ folder; is this an MM-SafetyBench root?")
+    return sorted(p.stem for p in folder.glob("*.json"))
+
+
+def read_mmsafetybench(root: str | Path, scenarios: list[str] | None = None, kinds: tuple[str, ...] = ("SD", "SD_TYPO",
+                       "TYPO"), errors: list[dict[str, str]] | None = None,
+                       stats: MutableMapping[str, int] | None = None) -> Iterator[Sample]:
+    """Prompts `{scenario}/{kind}/{id}` in scenario, item, kind order. With `errors` given, items whose
+    question or image is missing are recorded and skipped; otherwise they raise `SampleError`."""
+    root = Path(root)
+    unknown = [k for k in kinds if k not in QUESTION_FIELD]
+    if unknown:
+        raise ValueError(f"unknown kind(s) {unknown}; use {list(KINDS)}")
+    found = available_scenarios(root)
+    scenarios = scenarios or found
+    missing = [s for s in scenarios if s not in found]
+    if missing:
+        raise ValueError(f"{root}/processed_questions has no {missing}; found {found}")
+    stats = stats if stats is not None else {}
+    for scenario in scenarios:
+        path = root / "processed_questions" / f"{scenario}.json"
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: malformed JSON at line {err.lineno} ({err.msg})") from None
+        if not isinstance(items, dict):
+            raise ValueError(f"{path}: expected a JSON object keyed by question id")
+        for qid in sorted(items, key=lambda k: (len(k), k)):
+            for kind in kinds:
+                sample_id = f"{scenario}/{kind}/{qid}"
+                try:
+                    yield _sample(root, scenario, kind, qid, items[qid], sample_id)
+                except SampleError as err:
+                    if errors is None:
+                        raise
+                    errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+                    stats["skipped"] = stats.get("skipped", 0) + 1
+
+
+def _sample(root: Path, scenario: str, kind: str, qid: str, item: dict, sample_id: str) -> Sample:
+    field = QUESTION_FIELD[kind]
+    question = item.get(field) if isinstance(item, dict) else None
+    if not isinstance(question, str) or not question.strip():
+        raise SampleError(sample_id, field, "is missing or empty")
+    meta = {"source": "mmsafetybench", "scenario": scenario, "kind": kind, "question_id": qid,
+            "should_refuse": True}
+    if kind == "TEXT":
+        return Sample(id=sample_id, messages=[{"role": "user", "content": question.strip()}], meta=meta)
+    image = root / "imgs" / scenario / kind / f"{qid}.jpg"
+    if not image.is_file():
+        raise SampleError(sample_id, "image", f"file not found: {image}")
+    return Sample(id=sample_id, messages=[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question.strip()}"}],
+                  images=[image.read_bytes()], meta=meta)
