@@ -10,7 +10,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 # the recipes this change equipped; new recipes should copy their logger/callback block
 RECIPES = ["sft", "sft_lora", "sft_from_llava_hf", "bpo", "bpo_lora", "dpo", "demo/sft", "demo/bpo", "demo/dpo",
-           "lrv", "perception", "vlguard_mixed", "vlguard_mixed_lora", "vlguard_posthoc", "vlguard_posthoc_lora"]
+           "lrv", "perception", "vlguard_mixed", "vlguard_mixed_lora", "vlguard_posthoc", "vlguard_posthoc_lora",
+           "demo/vlguard", "demo/lrv", "demo/perception", "protector_detector", "protector_detoxifier",
+           "demo/protector_detector", "demo/protector_detoxifier"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
