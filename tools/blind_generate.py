@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace):
     from vlsafe.data.blind import (ChunkResult, absolute, generate_blind_responses, load_frozen_model,
-                                   print_run_summary, run_chunked, same_response, skipped_row, with_blind)
+                                   print_run_summary, run_chunked, same_response, sample_error_policy, with_blind)
 
     for flag in ("batch_size", "max_new_tokens", "max_samples"):
         if getattr(args, flag) < 1:
@@ -60,13 +60,7 @@ def run(args: argparse.Namespace):
     vlm, processor = load_frozen_model(args.model, args.model_type, args.template, args.device, args.dtype)
 
     def process(items):
-        skipped = []
-
-        def on_sample_error(err):
-            if args.on_error == "raise":
-                raise err
-            skipped.append(skipped_row(err))
-
+        on_sample_error, skipped = sample_error_policy(args.on_error)
         samples = [sample for _, sample in items]
         responses = generate_blind_responses(vlm, processor, samples, args.batch_size, args.max_new_tokens,
                                              args.prompt_source, on_sample_error)

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace):
     from vlsafe.data.blind import (ChunkResult, absolute, load_frozen_model, print_run_summary, run_chunked,
-                                   skipped_row)
+                                   sample_error_policy)
     from vlsafe.data.reference import check_responses, reference_logps, with_reference
 
     for flag in ("batch_size", "max_samples"):
@@ -59,13 +59,7 @@ def run(args: argparse.Namespace):
                   "average_logprob": bool(args.average_logprob), "responses": list(responses)}
 
     def process(items):
-        skipped = []
-
-        def on_sample_error(err):
-            if args.on_error == "raise":
-                raise err
-            skipped.append(skipped_row(err))
-
+        on_sample_error, skipped = sample_error_policy(args.on_error)
         samples = [sample for _, sample in items]
         logps = reference_logps(vlm, processor, samples, responses, args.batch_size, args.average_logprob,
                                 on_sample_error)

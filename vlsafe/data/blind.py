@@ -277,6 +277,18 @@ def skipped_row(err: SampleError) -> dict[str, str]:
     return {"id": err.sample_id, "field": err.field_name, "error": err.problem}
 
 
+def sample_error_policy(on_error: str) -> tuple[Callable[[SampleError], None], list[dict[str, str]]]:
+    """The tools' `--on-error`: a callback that raises (`raise`) or records the sample (`skip`), and the record."""
+    skipped: list[dict[str, str]] = []
+
+    def on_sample_error(err: SampleError) -> None:
+        if on_error == "raise":
+            raise err
+        skipped.append(skipped_row(err))
+
+    return on_sample_error, skipped
+
+
 def _write_tar(path: Path, samples: list[Sample], keys: list[str]) -> None:
     import webdataset as wds
 

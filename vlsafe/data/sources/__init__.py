@@ -14,6 +14,20 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from types import ModuleType
+from typing import MutableMapping
+
+from vlsafe.data.schema import SampleError
+
+
+def skip_or_raise(err: SampleError, where: str, errors: list[dict[str, str]] | None,
+                  stats: MutableMapping[str, int] | None = None) -> None:
+    """The one bad-record policy of every converter: raise `err` located at `where` (file and row), or, when the
+    user chose `--on-error skip` (`errors` is a list), record it there and count it in `stats["skipped"]`."""
+    if stats is not None:
+        stats["skipped"] += 1
+    if errors is None:
+        raise SampleError(err.sample_id, err.field_name, err.problem, where) from None
+    errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
 
 
 def cli_sources() -> list[ModuleType]:

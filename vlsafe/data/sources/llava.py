@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.sources import skip_or_raise
 from vlsafe.data.templates import move_image_first
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -87,9 +88,7 @@ def read_llava_json(json_path: str | Path, image_folder: str | Path | None = Non
         try:
             yield llava_record_to_sample(record, image_folder)
         except SampleError as err:
-            if errors is None:
-                raise SampleError(err.sample_id, err.field_name, err.problem, str(json_path)) from None
-            errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+            skip_or_raise(err, str(json_path), errors)
 
 
 # ------------------------------------------------------------------------------ tools/make_shards.py

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, MutableMapping, Sequence
 
 from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.sources import skip_or_raise
 from vlsafe.data.sources.llava import load_json_list
 
 SOURCE = "lrv"
@@ -87,10 +88,7 @@ def read_lrv(json_paths: str | Path | Sequence[str | Path], image_folder: str | 
             try:
                 sample = lrv_record_to_sample(row, image_folder, position, is_negative)
             except SampleError as err:
-                stats["skipped"] += 1
-                if errors is None:
-                    raise SampleError(err.sample_id, err.field_name, err.problem, f"{path} row {position}") from None
-                errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+                skip_or_raise(err, f"{path} row {position}", errors, stats)
                 continue
             finally:
                 position += 1

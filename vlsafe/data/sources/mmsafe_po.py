@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, MutableMapping
 
 from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.sources import skip_or_raise
 from vlsafe.data.sources.llava import load_json_list
 from vlsafe.data.templates import LLAVA_SYSTEM, VICUNA_SYSTEM
 
@@ -343,11 +344,7 @@ def read_mmsafe_po(json_paths: str | Path | Iterable[str | Path], image_folder: 
             try:
                 sample = mmsafe_po_record_to_sample(record, image_folder, stats, position)
             except SampleError as err:
-                stats["skipped"] += 1
-                if errors is None:
-                    raise SampleError(err.sample_id, err.field_name, err.problem, f"{json_path} row {position}") \
-                        from None
-                errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+                skip_or_raise(err, f"{json_path} row {position}", errors, stats)
                 continue
             if sample.id in seen:
                 stats["duplicate_ids"] += 1

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from vlsafe.data.perception_templates import (BOXES_PLACEHOLDER, MASKS_PLACEHOLDER, REC_ANSWER, REC_TEMPLATES,
                                               RES_ANSWER, RES_TEMPLATES, fill_expression)
 from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.sources import skip_or_raise
 from vlsafe.perception.boxes import normalise_boxes
 
 
@@ -193,9 +194,7 @@ def read_refcoco_jsonl(path: str | Path, image_folder: str | Path | None = None,
                 sample = refcoco_record_to_sample(record, sample_id, image_folder, task, box_format, split,
                                                   random.Random(f"{seed}-{sample_id}"))
             except SampleError as err:
-                if errors is None:
-                    raise SampleError(err.sample_id, err.field_name, err.problem, f"{path}:{line_no}") from None
-                errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+                skip_or_raise(err, f"{path}:{line_no}", errors)
                 continue
             if stats is not None:
                 stats[sample.meta["dataset_name"]] += 1

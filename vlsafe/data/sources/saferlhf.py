@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, MutableMapping
 
 from vlsafe.data.schema import Sample, SampleError
+from vlsafe.data.sources import skip_or_raise
 from vlsafe.data.sources.llava import load_json_list
 
 SOURCE = "pku_saferlhf"
@@ -163,10 +164,7 @@ def read_saferlhf(paths: str | Path | Iterable[str | Path], form: str = "auto", 
                     sample = single_record_to_sample(record, position, prefix or "harmqa", stats=stats,
                                                      **single_options)
             except SampleError as err:
-                stats["skipped"] += 1
-                if errors is None:
-                    raise SampleError(err.sample_id, err.field_name, err.problem, f"{path} row {position}") from None
-                errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+                skip_or_raise(err, f"{path} row {position}", errors, stats)
                 continue
             yield sample
 

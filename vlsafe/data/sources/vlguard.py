@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, MutableMapping
 
 from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.sources import skip_or_raise
 from vlsafe.data.sources.llava import llava_record_to_sample, load_json_list
 
 SOURCE = "vlguard"
@@ -130,10 +131,7 @@ def _converted(rows: Iterable[Any], errors: list[dict[str, str]] | None, stats: 
             sample_id, checked = _check_row(row, position)
             checked = [checked[i] for i in order]
         except SampleError as err:
-            stats["skipped"] += 1
-            if errors is None:
-                raise SampleError(err.sample_id, err.field_name, err.problem, f"{where} row {position}") from None
-            errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+            skip_or_raise(err, f"{where} row {position}", errors, stats)
             continue
         yield row, sample_id, checked
 
@@ -202,10 +200,7 @@ def vlguard_eval_samples(test_json: str | Path | list[dict[str, Any]], images: s
         try:
             sample_id, entries = _check_row(row, position)
         except SampleError as err:
-            stats["skipped"] += 1
-            if errors is None:
-                raise SampleError(err.sample_id, err.field_name, err.problem, f"{where} row {position}") from None
-            errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+            skip_or_raise(err, f"{where} row {position}", errors, stats)
             continue
         if row["safe"] != want_safe:
             continue
