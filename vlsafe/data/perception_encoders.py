@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from vlsafe.core.vlm import IGNORE_INDEX
-from vlsafe.data.encoders import split_reference, stack_images
+from vlsafe.data.encoders import ConversationEncoder, split_reference, stack_images
 from vlsafe.data.perception_templates import LOC_TOKEN, to_loc_text
 from vlsafe.data.processor import VLMProcessor
 from vlsafe.data.schema import Sample, SampleError
@@ -98,10 +98,7 @@ class PerceptionEncoder(_Boxes):
                 "truncated": encoded.truncated}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.processor.collate_text([i["input_ids"] for i in items], [i["labels"] for i in items], "right")
-        batch["pixel_values"] = stack_images(items, self.processor)
-        batch["ids"] = [i["id"] for i in items]
-        batch["num_truncated"] = sum(bool(i["truncated"]) for i in items)
+        batch = ConversationEncoder.collate(self, items)  # the SFT batch, plus the perception targets
         batch.update(collate_boxes(items, self.mask_size))
         return batch
 
