@@ -8,7 +8,8 @@
 Scenarios (each contender runs in a fresh process, so its peak RSS is its own):
   sft       SFTModule under Lightning vs a plain PyTorch loop over transformers' LlavaForConditionalGeneration
   dpo       PreferenceModule (DPO, BPO, and its switches) vs TRL's DPOTrainer with a live reference copy
-  data      WebDataset shards (ShardDataModule) vs LLaVA-style JSON + one image file per sample, 2 workers each
+  data      LLaVA-style JSON + one original JPEG per sample (640x480) vs ShardDataModule over shards written by
+            `make_shards --presize` (headline), over shards of the same JPEGs, and both with a cold page cache
   generate  batched vs one-by-one greedy generation
   peak      dense matmul FLOP/s of this machine, for model FLOP utilisation of the SFT step
 
@@ -34,7 +35,8 @@ SCENARIOS = {
     "sft": ["sft/vlsafe", "sft/plain_torch"],
     "dpo": ["dpo/vlsafe", "dpo/trl", "bpo/vlsafe", "dpo/vlsafe_full_sequences", "dpo/vlsafe_per_sequence_images",
             "dpo/vlsafe_precomputed_reference", "dpo/vlsafe_lora_copy_reference", "dpo/vlsafe_lora_adapter_reference"],
-    "data": ["data/webdataset", "data/per_file"],
+    "data": ["data/webdataset", "data/per_file", "data/webdataset_original", "data/webdataset_cold",
+             "data/per_file_cold"],
     "generate": ["generate/batched", "generate/one_by_one"],
     "peak": ["peak/matmul"],
 }
@@ -49,7 +51,9 @@ COMPARISONS = [
     ("DPO: precomputed reference vs live copy", "dpo/vlsafe_precomputed_reference", "dpo/vlsafe", "pairs"),
     ("DPO+LoRA: adapter-off reference vs model copy", "dpo/vlsafe_lora_adapter_reference",
      "dpo/vlsafe_lora_copy_reference", "pairs"),
-    ("Data: WebDataset shards vs per-file JSON+images", "data/webdataset", "data/per_file", "images"),
+    ("Data: --presize shards vs LLaVA per-file JPEGs", "data/webdataset", "data/per_file", "images"),
+    ("Data: same JPEGs in shards vs per-file (warm)", "data/webdataset_original", "data/per_file", "images"),
+    ("Data: cold cache, --presize shards vs per-file", "data/webdataset_cold", "data/per_file_cold", "images"),
     ("Generation: batched vs one-by-one", "generate/batched", "generate/one_by_one", "tokens"),
 ]
 

@@ -2,6 +2,7 @@
 """Write WebDataset shards (+ index.json) that every vlsafe recipe reads.
 
     python tools/make_shards.py llava --json llava_v1_5_mix665k.json --images /data/llava --out shards/mix665k
+    python tools/make_shards.py llava ... --presize 336     # images squared + resized once for a 336-px model
     python tools/make_shards.py mmsafe-po --config config_train.json --keywords train --images /data/mmsafe \
         --out shards/mmsafe-po                                  # or: --json train.json [blind.json ...]
     python tools/make_shards.py synthetic --out shards/world --n 10000 --kinds qa safety negative
@@ -20,10 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _write(samples, args, pre_errors=None):
+    from vlsafe.data.images_presize import presize_from_args
     from vlsafe.data.shards import write_shards
 
+    presize = presize_from_args(args.presize, args.presize_mean, args.presize_squash, args.presize_compress_level)
     index = write_shards(samples, args.out, max_samples=args.max_samples, max_bytes=int(args.max_mb * 2**20),
-                         on_error=args.on_error, progress=True, total=getattr(args, "n", None))
+                         on_error=args.on_error, progress=True, total=getattr(args, "n", None), presize=presize)
     skipped = (pre_errors or []) + index.skipped
     if pre_errors:
         index.skipped = skipped
@@ -80,6 +83,19 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--max-mb", type=float, default=512, help="approximate shard size cap in MiB (default 512)")
         p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                        help="stop at the first unusable sample (default) or skip and report it")
+        p.add_argument("--presize", type=int, default=None, metavar="SIDE",
+                       help="pad every image to a square and resize it to the model's input side now, stored as "
+                            "lossless PNG, so training skips decoding the full image and resizing it (same pixels, "
+                            "~3x less loading CPU: docs/data_performance.md). Only for models whose processor uses "
+                            "this side; not for grounding data with boxes/masks")
+        p.add_argument("--presize-mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                       help="with --presize: the model's normalisation mean, whose colour pads to square "
+                            "(default OpenAI CLIP's, as LLaVA)")
+        p.add_argument("--presize-squash", action="store_true",
+                       help="with --presize: resize without padding (processors with pad_to_square: false)")
+        p.add_argument("--presize-compress-level", type=int, default=None, choices=range(10), metavar="0-9",
+                       help="with --presize: PNG deflate level. 0 (default) stores pixels uncompressed, fastest to "
+                            "load; 1 stores roughly half the bytes for ~1.3-1.4x the loading CPU. Same pixels")
 
     from vlsafe.data.sources import cli_sources
 

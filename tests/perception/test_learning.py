@@ -41,11 +41,12 @@ def trained(tmp_path_factory):
     return {"module": module.eval(), "trainer": trainer, "held_out": held_out, "before": before, "after": after}
 
 
-def test_training_teaches_the_loc_answer_and_lifts_mask_iou_far_above_untrained(trained):
-    """Free generation on held-out scenes: the model learns to answer with <loc>, and the mask decoded there
-    covers the object. (Box accuracy needs far longer training on this tiny model; see the README notes.)"""
+def test_training_teaches_the_loc_answer_and_lifts_box_and_mask_iou_far_above_untrained(trained):
+    """Free generation on held-out scenes: the model learns to answer with <loc>, and the box and mask
+    decoded there cover the object (measured after 120 steps: Acc@0.5 1.00, box IoU 0.79, cIoU 0.98)."""
     before, after = trained["before"], trained["after"]
-    assert before["ciou"] < 0.1 and before["acc@0.5"] < 0.1
+    assert before["ciou"] < 0.1 and before["acc@0.5"] < 0.1 and before["box_iou"] < 0.1
+    assert after["acc@0.5"] > 0.8 and after["box_iou"] > 0.6
     assert after["ciou"] > 0.8 and after["miou"] > 0.8
 
 
@@ -66,7 +67,7 @@ def test_generated_boxes_equal_a_teacher_forced_pass_over_the_generated_answer(t
     boxes = torch.cat([i["boxes"] for i in items])
     batch.update(pixel_values=torch.cat([i["pixels"] for i in items]), loc_boxes=boxes,
                  target_mask_valid=torch.zeros(len(boxes), dtype=torch.bool),
-                 target_image=torch.zeros(len(boxes), dtype=torch.long))
+                 target_image=torch.cat([torch.full((len(i["boxes"]),), k) for k, i in enumerate(items)]))
     with torch.no_grad():
         forced = module.forward_batch(batch)["pred_boxes"]
     torch.testing.assert_close(forced.clamp(0, 1), boxes, atol=1e-4, rtol=1e-4)

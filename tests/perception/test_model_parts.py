@@ -6,7 +6,8 @@ from vlsafe.core.builders import TinyVLM
 from vlsafe.data.perception_templates import LOC_TOKEN
 from vlsafe.data.synthetic import generate
 from vlsafe.methods.perception import PerceptionModule
-from vlsafe.perception.heads import BoxDecoder, BoxEncoder, MaskDecoder, MaskDecoderSettings
+from vlsafe.perception.heads import (BoxDecoder, BoxEncoder, MaskDecoder, MaskDecoderSettings, PerceptionHeads,
+                                     occupancy_box)
 from vlsafe.perception.splice import splice_loc_embeddings, target_loc_hidden
 
 SMALL_HEADS = {"box_hidden": 64, "mask_decoder": {"dim": 32, "heads": 2, "depth": 1, "mlp_dim": 64}}
@@ -86,6 +87,44 @@ def test_box_decoder_starts_centred_and_always_returns_valid_boxes():
     torch.nn.init.normal_(decoder.mlp.layers[-1].weight, std=3.0)
     boxes = decoder(torch.randn(100, 16))
     assert bool((boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all())
+
+
+def test_occupancy_box_of_a_binary_mask_is_its_bounding_box():
+    """A disc and an L-shape (not boxes themselves) read as exactly their bounding boxes; soft masks move smoothly."""
+    side = 32
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    disc = ((xs - 10.5) ** 2 + (ys - 20.5) ** 2 <= 36).float()  # pixels 5..16 x 15..26
+    ell = torch.zeros(side, side)
+    ell[2:12, 20:23] = 1
+    ell[9:12, 20:30] = 1
+    centre, size = occupancy_box(torch.stack([disc, ell]))
+    boxes = torch.cat([centre - size / 2, centre + size / 2], dim=-1) * side
+    torch.testing.assert_close(boxes, torch.tensor([[5.0, 15.0, 17.0, 27.0], [20.0, 2.0, 30.0, 12.0]]))
+    soft = ell.clone().requires_grad_()
+    occupancy_box(soft.unsqueeze(0))[1].sum().backward()
+    assert soft.grad.abs().sum() > 0, "differentiable, so box losses reach the mask logits"
+
+
+def test_box_decoder_setting_picks_the_image_read_or_the_released_hidden_state_mlp():
+    torch.manual_seed(0)
+    settings = MaskDecoderSettings(dim=32, heads=2, depth=1, mlp_dim=32, pixel_skip=False)
+    hidden, vision = torch.randn(3, 16), torch.randn(2, 25, 24)
+    images = torch.tensor([1, -1, 0])  # the middle <loc> has no image
+    released = PerceptionHeads(16, 24, 20, box_hidden=32, mask=settings, box_decoder="mlp")
+    torch.nn.init.normal_(released.box_decoder.mlp.layers[-1].weight)
+    out = released.decode(hidden, images, vision, None, want_masks=torch.tensor([True, True, False]))
+    torch.testing.assert_close(out.boxes, released.box_decoder(hidden))
+    assert out.mask_rows.tolist() == [0] and out.mask_logits.shape == (1, 20, 20), "masks only where asked and imaged"
+    reading = PerceptionHeads(16, 24, 20, box_hidden=32, mask=settings)
+    torch.nn.init.normal_(reading.box_decoder.mlp.layers[-1].weight)
+    out = reading.decode(hidden, images, vision, None, want_masks=False)
+    assert out.mask_logits is None
+    torch.testing.assert_close(out.boxes[1], reading.box_decoder(hidden[1:2])[0], msg="no image: the hidden-state MLP")
+    state = reading.mask_decoder.attend(hidden[[0, 2]], vision[[1, 0]])
+    torch.testing.assert_close(out.boxes[[0, 2]], reading.mask_decoder.boxes(state, reading.mask_decoder.masks(state)))
+    assert not torch.allclose(out.boxes[[0, 2]], reading.box_decoder(hidden[[0, 2]]))
+    with pytest.raises(ValueError, match="box_decoder must be one of"):
+        PerceptionHeads(16, 24, 20, box_decoder="attention")
 
 
 def test_box_encoder_then_decoder_round_trip_after_a_short_fit():

@@ -69,9 +69,22 @@ def _sft_batches(cfg: BenchConfig, module) -> list[dict[str, Any]]:
     return batches(module.data_encoder("fit"), samples, cfg.batch_size, cfg.warmup_steps + cfg.timed_steps + 1)
 
 
+def cli_forced_callbacks() -> list:
+    """The callbacks `tools/fit.py` adds to every run (`VLSafeCLI.add_arguments_to_parser`), with their defaults:
+    the benchmark times what users run, per-step guards included."""
+    from vlsafe.ops.preemption import PreemptionCheckpoint
+    from vlsafe.ops.rng import RNGStateCheckpoint
+    from vlsafe.reliability.nonfinite import NonFiniteGuard
+
+    return [RNGStateCheckpoint(), PreemptionCheckpoint(), NonFiniteGuard()]
+
+
 def fit_timed(cfg: BenchConfig, workdir: Path, module, data: list[dict[str, Any]], work: dict[str, float]) -> Result:
-    """`trainer.fit(module)` over `data` under Lightning (no logger/progress bar, like the baselines), timed per step."""
+    """`trainer.fit(module)` over `data` under Lightning with the CLI's forced callbacks and checkpoint IO (no
+    logger or progress bar, like the baselines), timed per step."""
     import lightning as L
+
+    from vlsafe.ops.checkpoint_io import use_atomic_checkpoint_io
 
     clock, losses = _StepClock(), []
 
@@ -86,8 +99,10 @@ def fit_timed(cfg: BenchConfig, workdir: Path, module, data: list[dict[str, Any]
             clock.tick()
 
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(data), logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],
-                        default_root_dir=str(workdir), num_sanity_val_steps=0)
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[*cli_forced_callbacks(), Clock()], default_root_dir=str(workdir),
+                        num_sanity_val_steps=0)
+    use_atomic_checkpoint_io(trainer)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     return _steps_result(clock.times, cfg, work, losses[0])
 
@@ -242,26 +257,124 @@ def dpo_trl(cfg: BenchConfig, workdir: Path) -> Result:
 
 
 # ------------------------------------------------------------------------------------- data loading
-def _data_sources(cfg: BenchConfig, workdir: Path) -> tuple[Path, Path, Path]:
-    """The same samples as WebDataset shards and as LLaVA-style JSON + one image file per sample."""
+# The images a LLaVA-style trainer reads are the dataset's originals (COCO: ~640x480 JPEG, ~100-200 KB), not
+# images already at the model's side; the bench makes its synthetic scenes look like that on disk (~90 KB each).
+ORIGINAL_IMAGE_SIZE = (640, 480)
+DATA_BATCH_SIZE = 16
+DATA_WORKERS = 2
+
+
+def _photo_like_jpeg(png: bytes, noise: Any, offset: int) -> bytes:
+    """A synthetic scene as a COCO-like original: 640x480, sensor-like noise so that it compresses like a
+    photo rather than flat colour, JPEG quality 90."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    scene = Image.open(io.BytesIO(png)).convert("RGB").resize(ORIGINAL_IMAGE_SIZE, Image.Resampling.BILINEAR)
+    shifted = np.roll(noise, offset, axis=(0, 1))
+    pixels = np.clip(np.asarray(scene, dtype=np.int16) + shifted, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def data_processor(cfg: BenchConfig):
+    """The bench model's processor without building the model (the data contenders need only this; a test
+    checks it equals `cfg.builder().build()[1]` in every setting that touches the data)."""
+    from transformers import AutoTokenizer
+
+    from vlsafe.bench.setup import bench_tokenizer
+    from vlsafe.data.processor import VLMProcessor
+
+    builder = cfg.builder()
+    return VLMProcessor(AutoTokenizer.from_pretrained(str(bench_tokenizer()), use_fast=True), builder.template,
+                        image_size=cfg.image_size, num_image_tokens=(cfg.image_size // cfg.patch_size) ** 2,
+                        max_length=builder.max_length)
+
+
+def _data_sources(cfg: BenchConfig, workdir: Path) -> dict[str, Path]:
+    """The same samples three ways, built once per bench run and shared by every data contender:
+
+    - `listing` + `images`: LLaVA layout, a JSON list and one 640x480 JPEG per sample;
+    - `original`: `make_shards llava` of that JSON (shards hold the very same JPEG bytes);
+    - `presized`: `make_shards llava --presize <model side>` (squared, resized, lossless PNG).
+
+    Writing costs (a one-off, not in the loader timings) are stored in `prep.json`.
+    """
+    root = workdir.parent / f"data-sources-{cfg.data_samples}-{cfg.image_size}-{cfg.seed}"
+    paths = {"listing": root / "llava.json", "images": root / "images", "original": root / "shards-original",
+             "presized": root / "shards-presized", "prep": root / "prep.json"}
+    if not paths["prep"].exists():
+        # In a child process: the contender that happens to build the data must not fork its loader workers
+        # from a bigger heap than the others (measured: up to 1.5x slower loading in that contender).
+        import multiprocessing
+
+        child = multiprocessing.get_context("fork").Process(target=_write_data_sources, args=(cfg, paths))
+        child.start()
+        child.join()
+        if child.exitcode != 0 or not paths["prep"].exists():
+            raise RuntimeError(f"writing the data benchmark's sources to {root} failed (exit {child.exitcode})")
+    return paths
+
+
+def _write_data_sources(cfg: BenchConfig, paths: dict[str, Path]) -> None:
     import json
+    import shutil
 
+    import numpy as np
+
+    from vlsafe.data.images_presize import Presize
     from vlsafe.data.shards import write_shards
+    from vlsafe.data.sources.llava import read_llava_json
 
+    shutil.rmtree(paths["prep"].parent, ignore_errors=True)
+    paths["images"].mkdir(parents=True)
     samples = synthetic_samples("caption", cfg.data_samples, cfg.seed, cfg.image_size)
-    shards = workdir / "shards"
-    write_shards(samples, shards, max_samples=max(1, cfg.data_samples // 4))
-    images = workdir / "images"
-    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    width, height = ORIGINAL_IMAGE_SIZE
+    noise = rng.normal(0, 10, (height, width, 3)).astype(np.int16)
+    prep: dict[str, float] = {}
+    start = time.perf_counter()
     records = []
-    for s in samples:
-        name = f"{s.id}.png"
-        (images / name).write_bytes(s.images[0])
+    for i, s in enumerate(samples):
+        name = f"{s.id}.jpg"
+        (paths["images"] / name).write_bytes(_photo_like_jpeg(s.images[0], noise, 7919 * i))
         records.append({"id": s.id, "image": name, "conversations": [
             {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in s.messages]})
-    listing = workdir / "llava.json"
-    listing.write_text(json.dumps(records))
-    return shards, listing, images
+    paths["listing"].write_text(json.dumps(records))
+    prep["originals_seconds"] = time.perf_counter() - start
+    shard_size = max(1, cfg.data_samples // 4)
+    for kind, presize in (("original", None), ("presized", Presize.for_processor(data_processor(cfg)))):
+        start = time.perf_counter()  # exactly what `tools/make_shards.py llava [--presize N]` runs
+        write_shards(read_llava_json(paths["listing"], paths["images"]), paths[kind], max_samples=shard_size,
+                     presize=presize)
+        prep[f"make_shards_{kind}_seconds"] = time.perf_counter() - start
+    sizes = {kind: sum(f.stat().st_size for f in paths[kind].rglob("*") if f.is_file())
+             for kind in ("images", "original", "presized")}
+    prep.update({f"{kind}_mb": size / 2**20 for kind, size in sizes.items()}, samples=float(cfg.data_samples))
+    paths["prep"].write_text(json.dumps(prep))
+
+
+def evict_from_page_cache(paths: list[Path]) -> int:
+    """Emulate cold storage: drop every file's pages from the OS page cache (fsync first, dirty pages stay),
+    so the next read goes to the disk. Returns the bytes evicted."""
+    import os
+
+    if not hasattr(os, "posix_fadvise"):
+        raise RuntimeError("the cold-cache data contenders need os.posix_fadvise (Linux); run without them")
+    total = 0
+    for path in paths:
+        for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return total
 
 
 class _PerFileDataset(torch.utils.data.Dataset):
@@ -283,39 +396,88 @@ class _PerFileDataset(torch.utils.data.Dataset):
         return self.encoder.encode(sample)
 
 
-def _time_loader(loader, cfg: BenchConfig) -> Result:
-    images, start, first = 0, time.perf_counter(), None
-    for batch in loader:
-        if first is None:  # worker start-up is not throughput
-            first, start = batch, time.perf_counter()
-            continue
-        images += int(batch["pixel_values"].shape[0])
-    elapsed = time.perf_counter() - start
-    return {"step_seconds": [elapsed], "work_per_step": {"images": float(images)}, "first_loss": None}
+def per_file_loader(listing: Path, images: Path, encoder: Any, num_workers: int = DATA_WORKERS,
+                    shuffle: bool = True) -> torch.utils.data.DataLoader:
+    """The LLaVA-style baseline: map-style dataset over the JSON, random order, torch DataLoader."""
+    return torch.utils.data.DataLoader(_PerFileDataset(listing, images, encoder), batch_size=DATA_BATCH_SIZE,
+                                       shuffle=shuffle, num_workers=num_workers, collate_fn=encoder.collate)
 
 
-def data_webdataset(cfg: BenchConfig, workdir: Path) -> Result:
-    """vlsafe's ShardDataModule (WebDataset tars, 2 workers) decoding, preprocessing and tokenising."""
+def shard_loader(shards: Path, encoder: Any, num_workers: int = DATA_WORKERS) -> torch.utils.data.DataLoader:
+    """What a vlsafe recipe gets: `ShardDataModule` over the shard folder (training order, no shuffle buffer:
+    the buffer only holds undecoded bytes and would move reading work before the timed window)."""
     from vlsafe.data.datamodule import ShardDataModule
-    from vlsafe.data.encoders import ConversationEncoder
 
-    shards, _, _ = _data_sources(cfg, workdir)
-    processor = cfg.builder().build()[1]
-    dm = ShardDataModule(train=str(shards), batch_size=16, num_workers=2, shuffle_buffer=0)
-    dm.connect(ConversationEncoder(processor))
+    dm = ShardDataModule(train=str(shards), batch_size=DATA_BATCH_SIZE, num_workers=num_workers, shuffle_buffer=0)
+    dm.connect(encoder)
     dm.setup("fit")
-    return _time_loader(dm.train_dataloader(), cfg)
+    return dm.train_dataloader()
 
 
-def data_per_file(cfg: BenchConfig, workdir: Path) -> Result:
-    """A map-style dataset over LLaVA JSON + image folder with a torch DataLoader (2 workers), same preprocessing."""
-    from vlsafe.data.encoders import ConversationEncoder
+def _cpu_seconds() -> float:
+    """CPU time of this process plus its reaped children (the dataloader workers, joined when the loader ends)."""
+    import resource
 
-    _, listing, images = _data_sources(cfg, workdir)
-    encoder = ConversationEncoder(cfg.builder().build()[1])
-    loader = torch.utils.data.DataLoader(_PerFileDataset(listing, images, encoder), batch_size=16, shuffle=True,
-                                         num_workers=2, collate_fn=encoder.collate)
-    return _time_loader(loader, cfg)
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _time_loader(loader, passes: int = 3, before_pass: Callable[[], Any] | None = None) -> Result:
+    """Images/s of each pass over `loader` (a "step"; the bench takes the median), timed from the end of
+    the first batch (worker start-up is not throughput) to the last batch. Also CPU ms per image over all
+    passes including worker start-up: less disturbed by other load on the machine, but start-up weighs on
+    small runs."""
+    durations, images, total, first_batch = [], 0, 0, []
+    cpu = _cpu_seconds()
+    for _ in range(passes):
+        if before_pass is not None:
+            before_pass()
+        images, start, first = 0, time.perf_counter(), None
+        for batch in loader:
+            total += int(batch["pixel_values"].shape[0])
+            if first is None:
+                first = time.perf_counter() - start
+                start = time.perf_counter()
+                continue
+            images += int(batch["pixel_values"].shape[0])
+        durations.append(time.perf_counter() - start)
+        first_batch.append(first)
+    return {"step_seconds": durations, "work_per_step": {"images": float(images)}, "first_loss": None,
+            "first_batch_seconds": first_batch, "cpu_ms_per_image_with_startup": (_cpu_seconds() - cpu) / total * 1e3}
+
+
+def _data_contender(layout: str, cold: bool = False) -> Callable[[BenchConfig, Path], Result]:
+    def run(cfg: BenchConfig, workdir: Path) -> Result:
+        import json
+
+        from vlsafe.data.encoders import ConversationEncoder
+
+        paths = _data_sources(cfg, workdir)
+        encoder = ConversationEncoder(data_processor(cfg))
+        if layout == "per_file":
+            read = [paths["listing"], paths["images"]]
+            loader = per_file_loader(paths["listing"], paths["images"], encoder)
+        else:
+            read = [paths[layout]]
+            loader = shard_loader(paths[layout], encoder)
+        evicted: list[int] = []
+
+        def evict() -> None:
+            evicted.append(evict_from_page_cache(read))
+
+        result = _time_loader(loader, before_pass=evict if cold else None)
+        result.update(evicted_mb=sum(evicted) / 2**20, prep=json.loads(paths["prep"].read_text()))
+        return result
+
+    run.__doc__ = f"{layout} loading, 2 workers, {'cold page cache (posix_fadvise DONTNEED)' if cold else 'warm cache'}"
+    return run
+
+
+data_per_file = _data_contender("per_file")
+data_per_file_cold = _data_contender("per_file", cold=True)
+data_webdataset_original = _data_contender("original")
+data_webdataset = _data_contender("presized")
+data_webdataset_cold = _data_contender("presized", cold=True)
 
 
 # --------------------------------------------------------------------------------------- generation
@@ -378,7 +540,10 @@ CONTENDERS: dict[str, Callable[[BenchConfig, Path], Result]] = {
     "bpo/vlsafe": bpo_vlsafe,
     "dpo/trl": dpo_trl,
     "data/webdataset": data_webdataset,
+    "data/webdataset_original": data_webdataset_original,
+    "data/webdataset_cold": data_webdataset_cold,
     "data/per_file": data_per_file,
+    "data/per_file_cold": data_per_file_cold,
     "generate/batched": generate_batched,
     "generate/one_by_one": generate_one_by_one,
     "peak/matmul": matmul_peak,

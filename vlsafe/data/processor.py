@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from vlsafe.core.vlm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vlsafe.data.images_presize import Presize, check_presized, mean_fill, square_image
 from vlsafe.data.schema import IMAGE_PLACEHOLDER, SampleError
 from vlsafe.data.shards import decode_image, to_rgb
 from vlsafe.data.templates import ChatTemplate, Segment, get_template
@@ -159,15 +160,15 @@ class VLMProcessor:
                 raise SampleError(sample_id, field_name, f"expected encoded image bytes, got {type(image).__name__}")
             # max_side: huge or extremely elongated images are reduced before padding to a square
             image = decode_image(bytes(image), sample_id, field_name, max_side=self.image_size)
-        image = to_rgb(image)
-        if self.pad_to_square:
-            image = expand2square(image, tuple(int(m * 255) for m in self.image_mean))  # LLaVA truncates
-        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            # shards written with `make_shards --presize` must match this processor (else: resized twice)
+            check_presized(image, Presize.for_processor(self), sample_id, field_name)
+        # pad to square with the mean colour (truncated, as LLaVA does) and resize: a no-op when pre-sized
+        image = square_image(to_rgb(image), self.image_size, mean_fill(self.image_mean), self.pad_to_square)
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        pixels = pixels.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float().div_(255)
-        mean = torch.tensor(self.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.image_std).view(3, 1, 1)
-        return (pixels - mean) / std
+        # `.contiguous()` before the arithmetic: broadcasting over the permuted (channels-last) layout was 3x
+        # slower. In place: the same operations in the same order as `(pixels - mean) / std`, same values.
+        pixels = pixels.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float().contiguous().div_(255)
+        return pixels.sub_(torch.tensor(self.image_mean).view(3, 1, 1)).div_(torch.tensor(self.image_std).view(3, 1, 1))
 
     def preprocess_images(self, images: list[bytes], sample_id: str = "?") -> torch.Tensor:
         if not images:

