@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from vlsafe.data.datamodule import ShardDataModule
-from vlsafe.methods.base import VLMModule
+from vlsafe.methods.base import MethodModule
 from vlsafe.ops.checkpoint_io import use_atomic_checkpoint_io
 from vlsafe.ops.preemption import PreemptionCheckpoint
 from vlsafe.ops.rng import RNGStateCheckpoint
@@ -42,7 +42,7 @@ class VLSafeCLI(LightningCLI):
     """
 
     def __init__(self, args: list[str] | None = None, **kwargs):
-        super().__init__(VLMModule, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        super().__init__(MethodModule, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          save_config_kwargs={"overwrite": True}, args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:

@@ -1,6 +1,7 @@
 """What every method module shares: building the core, trainability, optimiser and schedule, generation.
 
-Methods subclass `VLMModule` and add their loss, metrics and `data_encoder(stage)`. Hyperparameters are
+Methods subclass `VLMModule` (text-only ones `MethodModule`) and add their loss, metrics and
+`data_encoder(stage)`. Hyperparameters are
 stored as plain data (the builder's `config()`), so checkpoints load with `torch.load(weights_only=True)`
 and `Module.load_from_checkpoint(path)` rebuilds the same model.
 """
@@ -126,8 +127,48 @@ def _silence_known_false_alarms() -> None:
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
-class VLMModule(L.LightningModule):
-    """A LightningModule that owns one VLM core and its processor."""
+class MethodModule(L.LightningModule):
+    """What `tools/fit.py` and the data modules expect of every trainable method, VLM or text-only.
+
+    A method says how a sample becomes tensors (`data_encoder(stage)`), stores its settings as plain data
+    (`extra_hparams`), and has `optim: OptimSettings`. `tools/fit.py` accepts any subclass in a recipe.
+    """
+
+    optim: OptimSettings
+
+    def extra_hparams(self) -> dict[str, Any]:
+        """Subclasses add their own constructor arguments here (plain data only)."""
+        return {}
+
+    # ------------------------------------------------------------------ data
+    def data_encoder(self, stage: str):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optimisation
+    def _use_fused_adamw(self, groups: list[dict[str, Any]]) -> bool | None:
+        """`optim.fused` resolved against the parameters the optimizer gets (None: torch's default)."""
+        setting = _fused_setting(self.optim.fused)
+        if setting == "false":
+            return None
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy):
+            blocker = "DeepSpeed steps the optimizer on its own flattened partitions (configure its optimizer instead)"
+        else:
+            names = {id(param): name for name, param in self.named_parameters()}
+            blocker = fused_adamw_blocker([(names.get(id(param), "?"), param)
+                                           for group in groups for param in group["params"]])
+        if blocker is None:
+            return True
+        if setting == "true":
+            raise ValueError(f"optim.fused=true, but torch's fused AdamW cannot be used: {blocker}; "
+                             f"set optim.fused to auto or false")
+        return None
+
+
+class VLMModule(MethodModule):
+    """A method that owns one VLM core and its processor."""
 
     def __init__(self, vlm: VLMBuilder, lora: LoraSettings | None = None, train_vision: bool = False,
                  train_projector: bool = True, train_llm: bool = True, gradient_checkpointing: bool = False,
@@ -150,14 +191,6 @@ class VLMModule(L.LightningModule):
                       lora=self.lora)
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.vlm, vision=train_vision)
-
-    def extra_hparams(self) -> dict[str, Any]:
-        """Subclasses add their own constructor arguments here (plain data only)."""
-        return {}
-
-    # ------------------------------------------------------------------ data
-    def data_encoder(self, stage: str):
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ optimisation
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -186,27 +219,6 @@ class VLMModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.optim.schedule, warmup, total, self.optim.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _use_fused_adamw(self, groups: list[dict[str, Any]]) -> bool | None:
-        """`optim.fused` resolved against the parameters the optimizer gets (None: torch's default)."""
-        setting = _fused_setting(self.optim.fused)
-        if setting == "false":
-            return None
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        trainer = self._trainer
-        if trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy):
-            blocker = "DeepSpeed steps the optimizer on its own flattened partitions (configure its optimizer instead)"
-        else:
-            names = {id(param): name for name, param in self.named_parameters()}
-            blocker = fused_adamw_blocker([(names.get(id(param), "?"), param)
-                                           for group in groups for param in group["params"]])
-        if blocker is None:
-            return True
-        if setting == "true":
-            raise ValueError(f"optim.fused=true, but torch's fused AdamW cannot be used: {blocker}; "
-                             f"set optim.fused to auto or false")
-        return None
 
     # ------------------------------------------------------------------ sharding
     def sharded_cores(self) -> list[VLM]:
