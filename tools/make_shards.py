@@ -24,7 +24,8 @@ def _write(samples, args, pre_errors=None):
     from vlsafe.data.images_presize import presize_from_args
     from vlsafe.data.shards import write_shards
 
-    presize = presize_from_args(args.presize, args.presize_mean, args.presize_squash, args.presize_compress_level)
+    presize = presize_from_args(args.presize, args.presize_mean, args.presize_squash, args.presize_compress_level,
+                                args.presize_format)
     index = write_shards(samples, args.out, max_samples=args.max_samples, max_bytes=int(args.max_mb * 2**20),
                          on_error=args.on_error, progress=True, total=getattr(args, "n", None), presize=presize)
     skipped = (pre_errors or []) + index.skipped
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                        help="stop at the first unusable sample (default) or skip and report it")
         p.add_argument("--presize", type=int, default=None, metavar="SIDE",
-                       help="pad every image to a square and resize it to the model's input side now, stored as "
-                            "lossless PNG, so training skips decoding the full image and resizing it (same pixels, "
+                       help="pad every image to a square and resize it to the model's input side now, stored "
+                            "losslessly (raw PPM by default), so training skips decoding the full image and resizing it (same pixels, "
                             "~3x less loading CPU: docs/data_performance.md). Only for models whose processor uses "
                             "this side; not for grounding data with boxes/masks")
         p.add_argument("--presize-mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
@@ -93,9 +94,13 @@ def main(argv: list[str] | None = None) -> None:
                             "(default OpenAI CLIP's, as LLaVA)")
         p.add_argument("--presize-squash", action="store_true",
                        help="with --presize: resize without padding (processors with pad_to_square: false)")
+        p.add_argument("--presize-format", choices=["ppm", "png"], default=None,
+                       help="with --presize: how the pixels are stored. ppm (default): raw RGB bytes, read without "
+                            "an image decoder, fastest to load; png: lossless PNG (see --presize-compress-level). "
+                            "Same pixels either way")
         p.add_argument("--presize-compress-level", type=int, default=None, choices=range(10), metavar="0-9",
-                       help="with --presize: PNG deflate level. 0 (default) stores pixels uncompressed, fastest to "
-                            "load; 1 stores roughly half the bytes for ~1.3-1.4x the loading CPU. Same pixels")
+                       help="with --presize: PNG deflate level (implies --presize-format png). 0 stores pixels "
+                            "uncompressed; 1 stores roughly half the bytes for ~1.3-1.4x the loading CPU")
 
     from vlsafe.data.sources import cli_sources
 

@@ -76,10 +76,12 @@ def _per_file_pixels(records, images, encoder):
     return out
 
 
-def test_presized_shards_load_bit_identical_to_per_file_loading_of_the_originals(llava_folder, processor, tmp_path):
+@pytest.mark.parametrize("storage", [[], ["--presize-format", "png"]], ids=["ppm", "png"])
+def test_presized_shards_load_bit_identical_to_per_file_loading_of_the_originals(llava_folder, processor, tmp_path,
+                                                                                 storage):
     root, listing, images, records = llava_folder
     _make_shards_main()(["llava", "--json", str(listing), "--images", str(images), "--out", str(tmp_path / "pre"),
-                         "--presize", str(SIDE)])
+                         "--presize", str(SIDE), *storage])
     index = load_index(tmp_path / "pre")
     assert index.presized == {"size": SIDE, "fill": [122, 116, 104], "pad_to_square": True, "resample": "bicubic"}
     encoder = ConversationEncoder(processor)
@@ -87,17 +89,23 @@ def test_presized_shards_load_bit_identical_to_per_file_loading_of_the_originals
     loaded = {s.id: s for s in read_samples(tmp_path / "pre")}
     assert set(loaded) == set(expected)
     for sample_id, sample in loaded.items():
+        magic = b"\x89PNG\r\n\x1a\n" if storage else b"P6\n# vlsafe:presized "
         for i, data in enumerate(sample.images):  # really stored at the model's side, losslessly
-            assert data[:8] == b"\x89PNG\r\n\x1a\n" and image_header_size(data, sample_id, "img") == (SIDE, SIDE)
+            assert data.startswith(magic) and image_header_size(data, sample_id, "img") == (SIDE, SIDE)
         got = encoder.encode(sample)["pixel_values"]
         assert got.shape == expected[sample_id].shape
         assert torch.equal(got, expected[sample_id]), f"{sample_id}: pre-sized pixels differ from the per-file path"
+        # what loader workers ship: uint8, normalised later to the same floats
+        raw = processor.preprocess_images(sample.images, sample_id, normalize=False)
+        assert raw.dtype == torch.uint8 and torch.equal(processor.normalize(raw), expected[sample_id])
 
 
-def test_presized_image_for_other_processor_settings_is_refused(llava_folder, processor, tokenizer, tmp_path):
+@pytest.mark.parametrize("storage", [[], ["--presize-compress-level", "1"]], ids=["ppm", "png-deflated"])
+def test_presized_image_for_other_processor_settings_is_refused(llava_folder, processor, tokenizer, tmp_path,
+                                                                storage):
     root, listing, images, records = llava_folder
     _make_shards_main()(["llava", "--json", str(listing), "--images", str(images), "--out", str(tmp_path / "pre"),
-                         "--presize", str(SIDE), "--presize-compress-level", "1"])
+                         "--presize", str(SIDE), *storage])
     sample = next(s for s in read_samples(tmp_path / "pre") if s.id == "port")
     processor.preprocess_images(sample.images, sample.id)  # the matching processor takes it
     others = {"side": VLMProcessor(tokenizer, image_size=32, num_image_tokens=4),
@@ -107,6 +115,10 @@ def test_presized_image_for_other_processor_settings_is_refused(llava_folder, pr
         with pytest.raises(SampleError, match="pre-sized at shard writing") as err:
             other.preprocess_images(sample.images, sample.id)
         assert err.value.sample_id == "port" and err.value.field_name == "images[0]", name
+    if not storage:  # a truncated PPM is named, not read short
+        with pytest.raises(SampleError, match="truncated") as err:
+            processor.preprocess_images([sample.images[0][:-5]], sample.id)
+        assert err.value.sample_id == "port" and err.value.field_name == "images[0]"
     # an ordinary image that merely has the model's side is not mistaken for a pre-sized one
     plain = (images / "square.png").read_bytes()
     from_file = Image.open(io.BytesIO(plain))
@@ -120,6 +132,8 @@ def test_presize_refuses_boxes_and_bad_flags(tmp_path):
     grounding = list(generate(1, seed=0, kinds=["grounding"]))
     with pytest.raises(SampleError, match="would move the boxes"):
         write_shards(grounding, tmp_path / "g", presize=Presize(SIDE, (122, 116, 104)))
+    with pytest.raises(ValueError, match="PNG only"):
+        Presize(SIDE, (122, 116, 104), format="ppm", compress_level=1)
     with pytest.raises(SystemExit, match="need --presize SIDE"):
         _make_shards_main()(["synthetic", "--n", "1", "--out", str(tmp_path / "s"), "--presize-mean", "0.5", "0.5",
                              "0.5"])

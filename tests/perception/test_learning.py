@@ -16,8 +16,9 @@ from vlsafe.perception.evaluation import ground_samples, summarise
 
 WORLD = WorldConfig(max_objects=1)
 STEPS = 120
-SETTINGS = dict(box_hidden=64, mask_decoder={"dim": 32, "heads": 2, "depth": 1, "mlp_dim": 64},
-                optim={"lr": 3e-3, "warmup_ratio": 0.05})
+# as the demo recipe: the decoder reads the question's states, the random LLM stays fixed (embeddings train)
+SETTINGS = dict(box_hidden=64, train_llm=False, optim={"lr": 3e-3, "warmup_ratio": 0.05},
+                mask_decoder={"dim": 32, "heads": 2, "depth": 1, "mlp_dim": 64, "read_question": True})
 
 
 def overall(predictions):

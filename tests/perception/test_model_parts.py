@@ -8,7 +8,8 @@ from vlsafe.data.synthetic import generate
 from vlsafe.methods.perception import PerceptionModule
 from vlsafe.perception.heads import (BoxDecoder, BoxEncoder, MaskDecoder, MaskDecoderSettings, PerceptionHeads,
                                      occupancy_box)
-from vlsafe.perception.splice import splice_loc_embeddings, target_loc_hidden
+from vlsafe.core.vlm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vlsafe.perception.splice import splice_loc_embeddings, target_loc_context, target_loc_hidden
 
 SMALL_HEADS = {"box_hidden": 64, "mask_decoder": {"dim": 32, "heads": 2, "depth": 1, "mlp_dim": 64}}
 
@@ -48,6 +49,28 @@ def test_splice_replaces_exactly_the_loc_positions_with_left_and_right_padding()
         assert torch.equal(out[keep], embeddings[keep])
     with pytest.raises(ValueError, match="3 <loc> token"):
         splice_loc_embeddings(torch.zeros(2, 6, 5), right, loc, torch.zeros(2, 5))
+
+
+def test_question_context_is_the_text_after_the_image_and_before_each_supervised_loc():
+    """What `read_question` lets the decoder see: no padding, no image slot or system prompt before it, nothing
+    at or after the `<loc>` being decoded, and one row per supervised `<loc>` in `target_loc_hidden`'s order."""
+    loc, img, pad = 7, IMAGE_TOKEN_INDEX, 0
+    ids = torch.tensor([[1, 2, img, img, 3, 4, 7, 5, 7, pad],      # two answer <loc>s
+                        [1, img, 3, 7, 4, 5, 6, 7, 8, 9],           # a question <loc> (col 3), one answer <loc>
+                        [1, 2, 3, 4, 7, 5, pad, pad, pad, pad]])    # no image: all text counts
+    mask = (ids != pad).long()
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for row, col in ((0, 6), (0, 8), (1, 7), (2, 4)):
+        labels[row, col] = loc
+    hidden = torch.randn(3, 10, 4)
+    context = target_loc_context(hidden, ids, mask, labels, loc)
+    states, _ = target_loc_hidden(hidden, ids, labels, loc)
+    assert context.states.shape[0] == states.shape[0] == 4
+    expected = [[4, 5], [4, 5, 6, 7], [2, 3, 4, 5, 6], [0, 1, 2, 3]]
+    for k, columns in enumerate(expected):
+        assert context.valid[k].nonzero().squeeze(-1).tolist() == columns, k
+        row = (0, 0, 1, 2)[k]
+        torch.testing.assert_close(context.states[k, columns], hidden[row, columns])
 
 
 def test_module_feeds_box_encodings_at_loc_positions_in_a_padded_batch(module):

@@ -46,10 +46,11 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------------ building blocks
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, num_image_tokens, vision_hidden), without autograd when the tower is frozen."""
+        """(N, 3, S, S) uint8 images or normalised floats -> (N, num_image_tokens, vision_hidden), without
+        autograd when the tower is frozen. The tower normalises uint8 input on its device."""
         vision_trainable = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable):
-            return self.vision(pixel_values.to(self.vision_dtype))
+            return self.vision(pixel_values)
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
         return self.projector(vision_features.to(self.projector_dtype))

@@ -7,6 +7,7 @@ of training steps.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -349,6 +350,7 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.on_error = on_error
         self._encoders: dict[str, SampleEncoder] = {}
+        self._normalize_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by _shipping_encoder
         self._rank: tuple[int, int] | None = None
         self._trackers: dict[str, ShardTracker] = {}
         self.skip_report = SkipReport()
@@ -374,6 +376,32 @@ class ShardDataModule(L.LightningDataModule):
             rows = batch.pop(SKIPPED_KEY)
             stage = self.trainer.state.stage.value if self.trainer is not None and self.trainer.state.stage else "data"
             self.skip_report.add(str(stage), rows)
+        return batch
+
+    def _shipping_encoder(self, stage: str) -> SampleEncoder:
+        """The stage's encoder, set to emit uint8 images when it can: workers pickle every batch to the main
+        process, and float32 pixels are 4x the bytes (~1 ms per 224-px image on 2 CPU cores, against ~0.35 ms
+        for uint8). `on_after_batch_transfer` normalises them on the device, so steps see the usual floats."""
+        encoder = self._encoders[stage]
+        if getattr(encoder, "normalize_images", False) and hasattr(encoder, "processor"):
+            encoder = copy.copy(encoder)  # the caller's encoder keeps returning floats
+            encoder.normalize_images = False
+            self._normalize_pixels = encoder.processor.normalize
+        return encoder
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise uint8 `pixel_values` shipped by the workers, on the device the batch now lives on."""
+        return self.normalize_batch(batch)
+
+    def normalize_batch(self, batch: Any) -> Any:
+        """Normalised float32 `pixel_values` for a batch from this module's loaders (a no-op for float ones);
+        Lightning calls it after the device transfer; call it yourself when iterating a loader directly."""
+        if isinstance(batch, dict):
+            pixels = batch.get("pixel_values")
+            if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:
+                if self._normalize_pixels is None:
+                    raise RuntimeError("uint8 pixel_values from a loader this data module did not build")
+                batch["pixel_values"] = self._normalize_pixels(pixels)
         return batch
 
     def teardown(self, stage: str) -> None:
@@ -407,7 +435,7 @@ class ShardDataModule(L.LightningDataModule):
             raise RuntimeError("call ShardDataModule.connect(encoder) (or run under a Trainer) before loading data")
         rank, world_size = self._rank
         training = stage == "fit"
-        return ShardStream([s.planned() for s in sources], self._encoders[stage],
+        return ShardStream([s.planned() for s in sources], self._shipping_encoder(stage),
                            batch_size=self.batch_size if training else self.eval_batch_size, rank=rank,
                            world_size=world_size, num_workers=self.num_workers, seed=self.seed, shuffle=training,
                            shuffle_buffer=self.shuffle_buffer, pad_to_equal=training, on_error=self.on_error)

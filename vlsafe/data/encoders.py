@@ -13,15 +13,27 @@ from vlsafe.data.processor import VLMProcessor
 from vlsafe.data.schema import Sample
 
 
-def stack_images(items: list[dict[str, Any]], processor: VLMProcessor) -> torch.Tensor:
+def stack_images(items: list[dict[str, Any]], processor: VLMProcessor, normalized: bool = True) -> torch.Tensor:
     """Concatenate per-sample image stacks in sample order (the order `VLM.embed` consumes them)."""
     stacks = [item["pixel_values"] for item in items if item["pixel_values"].shape[0]]
     if not stacks:
-        return torch.zeros(0, 3, processor.image_size, processor.image_size)
+        dtype = torch.float32 if normalized else torch.uint8
+        return torch.zeros(0, 3, processor.image_size, processor.image_size, dtype=dtype)
     return torch.cat(stacks)
 
 
-class ConversationEncoder:
+class ImageEncoding:
+    """`normalize_images`: True (default) gives normalised float32 `pixel_values`; `ShardDataModule` turns it
+    off in its loader workers, ships uint8 (a quarter of the bytes) and normalises after the device transfer."""
+
+    normalize_images: bool = True
+    processor: VLMProcessor
+
+    def pixels(self, sample: Sample) -> torch.Tensor:
+        return self.processor.preprocess_images(sample.images, sample.id, normalize=self.normalize_images)
+
+
+class ConversationEncoder(ImageEncoding):
     """SFT: the whole conversation, labels on assistant replies only, right padding."""
 
     def __init__(self, processor: VLMProcessor):
@@ -30,12 +42,12 @@ class ConversationEncoder:
     def encode(self, sample: Sample) -> dict[str, Any]:
         encoded = self.processor.encode_conversation(sample.messages, sample.id)
         return {"id": sample.id, "input_ids": encoded.input_ids, "labels": encoded.labels,
-                "pixel_values": self.processor.preprocess_images(sample.images, sample.id),
+                "pixel_values": self.pixels(sample),
                 "truncated": encoded.truncated}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.processor.collate_text([i["input_ids"] for i in items], [i["labels"] for i in items], "right")
-        batch["pixel_values"] = stack_images(items, self.processor)
+        batch["pixel_values"] = stack_images(items, self.processor, self.normalize_images)
         batch["ids"] = [i["id"] for i in items]
         batch["num_truncated"] = sum(bool(i["truncated"]) for i in items)
         return batch
@@ -50,7 +62,7 @@ def split_reference(sample: Sample) -> tuple[list[dict[str, str]], str | None]:
     return messages, reference
 
 
-class PromptEncoder:
+class PromptEncoder(ImageEncoding):
     """Generation: the prompt up to `ASSISTANT:`, left padding, the reference answer kept aside."""
 
     def __init__(self, processor: VLMProcessor):
@@ -60,13 +72,13 @@ class PromptEncoder:
         messages, reference = split_reference(sample)
         encoded = self.processor.encode_prompt(messages, sample.id)
         return {"id": sample.id, "input_ids": encoded.input_ids,
-                "pixel_values": self.processor.preprocess_images(sample.images, sample.id),
+                "pixel_values": self.pixels(sample),
                 "reference": reference if reference is not None else sample.meta.get("answer"),
                 "meta": sample.meta}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.processor.collate_text([i["input_ids"] for i in items], None, "left")
-        batch["pixel_values"] = stack_images(items, self.processor)
+        batch["pixel_values"] = stack_images(items, self.processor, self.normalize_images)
         batch["ids"] = [i["id"] for i in items]
         batch["references"] = [i["reference"] for i in items]
         batch["meta"] = [i["meta"] for i in items]
@@ -76,7 +88,7 @@ class PromptEncoder:
 PREFERENCE_RESPONSES = ("chosen", "rejected", "blind")
 
 
-class PreferenceEncoder:
+class PreferenceEncoder(ImageEncoding):
     """Preference pairs: one prompt, several responses, labels on the final response only.
 
     A batch holds the sequences grouped by response (all chosen, then all rejected, then all blind),
@@ -121,7 +133,7 @@ class PreferenceEncoder:
         if self.require_reference:
             self._check_reference(sample, reference)
         return {"id": sample.id, "sequences": sequences, "reference": reference, "meta": sample.meta,
-                "pixel_values": self.processor.preprocess_images(sample.images, sample.id)}
+                "pixel_values": self.pixels(sample)}
 
     def _check_reference(self, sample: Sample, reference: dict[str, float | None]) -> None:
         from vlsafe.data.schema import SampleError
@@ -140,7 +152,7 @@ class PreferenceEncoder:
         ids = [item["sequences"][name][0] for name in self.responses for item in items]
         labels = [item["sequences"][name][1] for name in self.responses for item in items]
         batch = self.processor.collate_text(ids, labels, "right")
-        batch["pixel_values"] = stack_images(items, self.processor)
+        batch["pixel_values"] = stack_images(items, self.processor, self.normalize_images)
         batch["ids"] = [item["id"] for item in items]
         batch["responses"] = list(self.responses)
         values = [[item["reference"][name] for item in items] for name in self.responses]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from vlsafe.core.vlm import IGNORE_INDEX
-from vlsafe.data.encoders import ConversationEncoder, split_reference, stack_images
+from vlsafe.data.encoders import ConversationEncoder, ImageEncoding, split_reference, stack_images
 from vlsafe.data.perception_templates import LOC_TOKEN, to_loc_text
 from vlsafe.data.processor import VLMProcessor
 from vlsafe.data.schema import Sample, SampleError
@@ -40,7 +40,7 @@ def loc_messages(sample: Sample, text_boxes: bool = True) -> list[dict[str, str]
     return [{"role": m["role"], "content": to_loc_text(m["content"], text_boxes)} for m in sample.messages]
 
 
-class _Boxes:
+class _Boxes(ImageEncoding):
     """Shared by both encoders: frame-normalised boxes and masks of a sample, checked against its `<loc>`s."""
 
     def __init__(self, processor: VLMProcessor, loc_token_id: int, mask_size: int, text_boxes: bool):
@@ -92,7 +92,7 @@ class PerceptionEncoder(_Boxes):
         target_indices = [i for i, t in enumerate(is_target.tolist()) if t]
         masks, valid = self.masks(sample, target_indices)
         return {"id": sample.id, "input_ids": encoded.input_ids, "labels": encoded.labels,
-                "pixel_values": self.processor.preprocess_images(sample.images, sample.id),
+                "pixel_values": self.pixels(sample),
                 "loc_boxes": boxes, "loc_is_target": is_target, "target_masks": masks, "target_mask_valid": valid,
                 "dataset": str(sample.meta.get("dataset_name") or sample.meta.get("source") or "all"),
                 "truncated": encoded.truncated}
@@ -144,7 +144,7 @@ class PerceptionPromptEncoder(_Boxes):
         all_boxes = self.boxes(sample, n_inputs + n_targets)
         masks, valid = self.masks(sample, list(range(n_inputs, n_inputs + n_targets)))
         return {"id": sample.id, "input_ids": encoded.input_ids,
-                "pixel_values": self.processor.preprocess_images(sample.images, sample.id),
+                "pixel_values": self.pixels(sample),
                 "loc_boxes": all_boxes[:n_inputs], "loc_is_target": torch.zeros(n_inputs, dtype=torch.bool),
                 "reference_boxes": all_boxes[n_inputs:], "reference_masks": masks, "reference_mask_valid": valid,
                 "reference": reference, "meta": sample.meta,
@@ -152,7 +152,7 @@ class PerceptionPromptEncoder(_Boxes):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.processor.collate_text([i["input_ids"] for i in items], None, "left")
-        batch["pixel_values"] = stack_images(items, self.processor)
+        batch["pixel_values"] = stack_images(items, self.processor, self.normalize_images)
         batch["ids"] = [i["id"] for i in items]
         batch["loc_boxes"] = torch.cat([i["loc_boxes"] for i in items]).reshape(-1, 4)
         batch["image_index"] = torch.tensor(first_image_indices(items), dtype=torch.long)

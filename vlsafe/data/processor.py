@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from vlsafe.core.vision import normalize_pixels
 from vlsafe.core.vlm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from vlsafe.data.images_presize import Presize, check_presized, mean_fill, square_image
+from vlsafe.data.images_presize import Presize, check_presized, mean_fill, presized_pixels, square_image
 from vlsafe.data.schema import IMAGE_PLACEHOLDER, SampleError
 from vlsafe.data.shards import decode_image, to_rgb
 from vlsafe.data.templates import ChatTemplate, Segment, get_template
@@ -153,11 +154,19 @@ class VLMProcessor:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
 
     # ------------------------------------------------------------------ images
-    def preprocess_image(self, image: bytes | Image.Image, sample_id: str = "?", field_name: str = "images") -> torch.Tensor:
-        """Decode, pad to square with the mean colour, resize (bicubic) and normalise -> (3, S, S)."""
+    def preprocess_image(self, image: bytes | Image.Image, sample_id: str = "?", field_name: str = "images",
+                         normalize: bool = True) -> torch.Tensor:
+        """Decode, pad to square with the mean colour, resize (bicubic) and normalise -> (3, S, S) float32.
+
+        `normalize=False` stops before normalising and returns uint8 (what the data encoders ship from
+        loader workers; the model normalises on its device, `vlsafe.core.vision.normalize_pixels`)."""
         if not isinstance(image, Image.Image):
             if not isinstance(image, (bytes, bytearray)):
                 raise SampleError(sample_id, field_name, f"expected encoded image bytes, got {type(image).__name__}")
+            # shards written with `make_shards --presize` (PPM) hold the final pixels: no decoder, no resize
+            pixels = presized_pixels(bytes(image), Presize.for_processor(self), sample_id, field_name)
+            if pixels is not None:
+                return self.normalize(pixels) if normalize else pixels
             # max_side: huge or extremely elongated images are reduced before padding to a square
             image = decode_image(bytes(image), sample_id, field_name, max_side=self.image_size)
             # shards written with `make_shards --presize` must match this processor (else: resized twice)
@@ -165,15 +174,20 @@ class VLMProcessor:
         # pad to square with the mean colour (truncated, as LLaVA does) and resize: a no-op when pre-sized
         image = square_image(to_rgb(image), self.image_size, mean_fill(self.image_mean), self.pad_to_square)
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        # `.contiguous()` before the arithmetic: broadcasting over the permuted (channels-last) layout was 3x
-        # slower. In place: the same operations in the same order as `(pixels - mean) / std`, same values.
-        pixels = pixels.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float().contiguous().div_(255)
-        return pixels.sub_(torch.tensor(self.image_mean).view(3, 1, 1)).div_(torch.tensor(self.image_std).view(3, 1, 1))
+        # `.contiguous()`: channels-first memory; arithmetic over the permuted view was 3x slower
+        pixels = pixels.view(self.image_size, self.image_size, 3).permute(2, 0, 1).contiguous()
+        return self.normalize(pixels) if normalize else pixels
 
-    def preprocess_images(self, images: list[bytes], sample_id: str = "?") -> torch.Tensor:
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images from `preprocess_image(normalize=False)` -> what `preprocess_image` returns."""
+        return normalize_pixels(pixels, self.image_mean, self.image_std)
+
+    def preprocess_images(self, images: list[bytes], sample_id: str = "?", normalize: bool = True) -> torch.Tensor:
+        """(n, 3, S, S): float32 normalised, or uint8 with `normalize=False`."""
         if not images:
-            return torch.zeros(0, 3, self.image_size, self.image_size)
-        return torch.stack([self.preprocess_image(img, sample_id, f"images[{i}]") for i, img in enumerate(images)])
+            return torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.float32 if normalize else torch.uint8)
+        return torch.stack([self.preprocess_image(img, sample_id, f"images[{i}]", normalize)
+                            for i, img in enumerate(images)])
 
     # ------------------------------------------------------------------ batching
     def pad(self, sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:

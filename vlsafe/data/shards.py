@@ -34,7 +34,8 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "vlsafe-shards/1"
 _IMAGE_MEMBER = re.compile(r"^img(\d+)\.([a-z0-9]+)$")
 _MASK_MEMBER = re.compile(r"^mask(\d+)\.png$")
-_PIL_TO_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+_PIL_TO_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
+               "PPM": "ppm"}
 
 
 # ---------------------------------------------------------------------------------------- index
@@ -274,7 +275,7 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
 def sample_members(sample: Sample, key: str, presize: "Presize | None" = None) -> dict[str, bytes | str]:
     """Encode one validated sample into tar members (all bytes); images and masks are decoded once to check
     them, and boxes/masks are checked against the first image's size. With `presize`, images are stored
-    squared and resized to the model's side as PNG (see `vlsafe.data.images_presize`)."""
+    squared and resized to the model's side (PPM or PNG, see `vlsafe.data.images_presize`)."""
     members: dict[str, bytes | str] = {"__key__": key, "json": sample.to_json()}
     if presize is not None and (sample.boxes or sample.masks):
         # Boxes and masks are in the original image's pixels; pre-sizing would silently move them.
@@ -286,7 +287,7 @@ def sample_members(sample: Sample, key: str, presize: "Presize | None" = None) -
         if presize is not None:
             from vlsafe.data.images_presize import presize_image  # it imports this module
 
-            data, ext = presize_image(data, presize, sample.id, f"images[{i}]"), "png"
+            data, ext = presize_image(data, presize, sample.id, f"images[{i}]")
         members[f"img{i}.{ext}"] = data
         sizes.append(size)
     mask_sizes = []

@@ -31,7 +31,7 @@ from vlsafe.perception.generation import PerceptionOutput, generate_with_percept
 from vlsafe.perception.heads import MaskDecoderSettings, PerceptionHeads
 from vlsafe.perception.losses import LossWeights, perception_losses
 from vlsafe.perception.metrics import GroundingMetrics
-from vlsafe.perception.splice import splice_loc_embeddings, target_loc_hidden
+from vlsafe.perception.splice import splice_loc_embeddings, target_loc_context, target_loc_hidden
 
 
 def add_perception_tokens(llm: torch.nn.Module, tokenizer, tokens: list[str]) -> list[int]:
@@ -124,6 +124,7 @@ class PerceptionModule(VLMModule):
         pixels = batch.get("pixel_values")
         vision = features = None
         if pixels is not None and pixels.numel():
+            pixels = self.vlm.vision.normalize(pixels)  # uint8 from the loader; the pixel skip reads them too
             vision = self.vlm.vision_features(pixels)
             features = self.vlm.project(vision)
         input_ids, labels = batch["input_ids"], batch["labels"]
@@ -134,9 +135,14 @@ class PerceptionModule(VLMModule):
         out = self.vlm.llm(inputs_embeds=embeddings, attention_mask=batch["attention_mask"],
                            position_ids=position_ids_from_mask(batch["attention_mask"]), logits_to_keep=positions,
                            output_hidden_states=True, use_cache=False)
-        states, is_target = target_loc_hidden(out.hidden_states[-1], input_ids, labels, self.loc_token_id)
+        last = out.hidden_states[-1]
+        states, is_target = target_loc_hidden(last, input_ids, labels, self.loc_token_id)
+        question = None
+        if self.mask_settings.read_question:
+            question = target_loc_context(out.hidden_states[self.mask_settings.question_layer], input_ids,
+                                          batch["attention_mask"], labels, self.loc_token_id)
         decoded = self.heads.decode(states, batch["target_image"], vision, pixels,
-                                    want_masks=batch["target_mask_valid"].to(states.device))
+                                    want_masks=batch["target_mask_valid"].to(states.device), question=question)
         return {"logits": out.logits, "targets": targets, "pred_boxes": decoded.boxes,
                 "target_boxes": loc_boxes[is_target], "mask_logits": decoded.mask_logits,
                 "mask_rows": decoded.mask_rows}

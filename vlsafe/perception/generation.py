@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vlsafe.core.vlm import VLM, position_ids_from_mask
-from vlsafe.perception.heads import PerceptionHeads
-from vlsafe.perception.splice import splice_loc_embeddings
+from vlsafe.perception.heads import LocContext, PerceptionHeads
+from vlsafe.perception.splice import splice_loc_embeddings, text_positions
 
 
 @dataclass
@@ -57,6 +57,7 @@ def generate_with_perception(vlm: VLM, heads: PerceptionHeads, loc_token_id: int
         raise ValueError("batched generation needs left padding (padding_side='left'): a prompt ends in padding")
     vision = features = None
     if pixel_values is not None and pixel_values.numel():
+        pixel_values = vlm.vision.normalize(pixel_values)  # uint8 from the encoders; the pixel skip reads them too
         vision = vlm.vision_features(pixel_values)
         features = vlm.project(vision)
     embeddings = vlm.embed(input_ids, features)
@@ -67,6 +68,12 @@ def generate_with_perception(vlm: VLM, heads: PerceptionHeads, loc_token_id: int
     cache_argument = _cache_argument(vlm.llm)
     cache, logits, state = _returned_cache(out), out.logits[:, -1], out.hidden_states[-1][:, -1]
     batch = input_ids.shape[0]
+    # what the decoder may read of the question: the prompt's text after its image, then each answer step
+    # (`text_positions`, the same rule as training's `target_loc_context`)
+    read_question = heads.mask_decoder.question is not None
+    question_layer = heads.mask_decoder.settings.question_layer
+    seen = out.hidden_states[question_layer] if read_question else None
+    seen_valid = text_positions(input_ids, attention_mask) if read_question else None
     results = [PerceptionOutput() for _ in range(batch)]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     embed_tokens = vlm.llm.get_input_embeddings()
@@ -76,8 +83,9 @@ def generate_with_perception(vlm: VLM, heads: PerceptionHeads, loc_token_id: int
         is_loc = (tokens == loc_token_id) & ~finished
         if bool(is_loc.any()):
             rows = is_loc.nonzero().squeeze(-1)
+            question = LocContext(seen[rows], seen_valid[rows]) if read_question else None
             decoded = heads.decode(state[rows], image_index.to(rows.device)[rows], vision, pixel_values,
-                                   want_masks=decode_masks)
+                                   want_masks=decode_masks, question=question)
             step[rows] = heads.box_encoder(decoded.boxes).to(step.dtype)
             masks: list[torch.Tensor | None] = [None] * len(rows)
             if decoded.mask_rows is not None:
@@ -96,5 +104,8 @@ def generate_with_perception(vlm: VLM, heads: PerceptionHeads, loc_token_id: int
         out = vlm.llm(inputs_embeds=step.unsqueeze(1), attention_mask=mask, position_ids=positions,
                       use_cache=True, output_hidden_states=True, **{cache_argument: cache})
         cache, logits, state = _returned_cache(out), out.logits[:, -1], out.hidden_states[-1][:, -1]
+        if read_question:
+            seen = torch.cat([seen, out.hidden_states[question_layer][:, -1:]], dim=1)
+            seen_valid = torch.cat([seen_valid, ~finished.unsqueeze(1)], dim=1)
     return results
 

@@ -26,6 +26,10 @@ Mask decoder design (ours, smaller than the released SAM decoder, for the reason
   dot product. It stands in for the released code's second, stride-8 CLIP pass: a patch grid (24x24 at
   336 px, 8x8 in the tiny demo model) cannot place mask edges more finely than a patch, and a few
   convolutions on the pixels restore that detail at a fraction of a second ViT pass.
+- `read_question` (off by default; our addition): the question's LLM states (text after the image, up to the
+  `<loc>`) join the query tokens, padded ones masked out of every attention. On the CPU demo the `<loc>` state
+  of a tiny random LLM does not say which of several objects is meant, and without this the mask covered all
+  of them (docs/perception.md, "Choosing the referred object").
 - Width `dim` is a setting (256 by default) instead of SAM's fixed 1024: the decoder reads a 24x24 grid,
   not SAM's 64x64 image embedding, and the width is what dominates its cost.
 """
@@ -112,12 +116,16 @@ class TwoWayBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
 
-    def forward(self, tokens: torch.Tensor, image: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.norms[0](tokens + self.self_attn(tokens, tokens, tokens, need_weights=False)[0])
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor, pos: torch.Tensor,
+                ignore: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ignore` (N, Q) marks padded query tokens, which no attention reads."""
+        tokens = self.norms[0](tokens + self.self_attn(tokens, tokens, tokens, key_padding_mask=ignore,
+                                                       need_weights=False)[0])
         keys = image + pos
         tokens = self.norms[1](tokens + self.token_to_image(tokens, keys, image, need_weights=False)[0])
         tokens = self.norms[2](tokens + self.mlp(tokens))
-        image = self.norms[3](image + self.image_to_token(keys, tokens, tokens, need_weights=False)[0])
+        image = self.norms[3](image + self.image_to_token(keys, tokens, tokens, key_padding_mask=ignore,
+                                                          need_weights=False)[0])
         return tokens, image
 
 
@@ -131,6 +139,18 @@ class DecoderState:
 
 
 @dataclass
+class LocContext:
+    """The question each `<loc>` answers: LLM hidden states (N, L, llm_hidden) and which positions count (N, L):
+    real text after the row's last image and before the `<loc>` (`vlsafe.perception.splice.text_positions`)."""
+
+    states: torch.Tensor
+    valid: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> "LocContext":
+        return LocContext(self.states[index], self.valid[index])
+
+
+@dataclass
 class MaskDecoderSettings:
     """Size of the mask decoder; see the module docstring for the design."""
 
@@ -140,6 +160,8 @@ class MaskDecoderSettings:
     mlp_dim: int = 1024
     pixel_skip: bool = True
     pixel_channels: int = 16
+    read_question: bool = False  # the question's states join the query tokens (module docstring)
+    question_layer: int = -1     # which LLM layer's states (an index into `hidden_states`; -1 = last)
 
 
 class MaskDecoder(nn.Module):
@@ -157,6 +179,7 @@ class MaskDecoder(nn.Module):
             raise ValueError(f"mask decoder dim must be a multiple of 4, got {s.dim}")
         self.settings, self.out_size = s, out_size
         self.prompt = nn.Linear(llm_hidden, s.dim)
+        self.question = nn.Linear(llm_hidden, s.dim) if s.read_question else None
         self.mask_token = nn.Parameter(torch.randn(1, 1, s.dim) * 0.02)
         self.image_in = nn.Sequential(nn.LayerNorm(vision_hidden), nn.Linear(vision_hidden, s.dim))
         self.blocks = nn.ModuleList(TwoWayBlock(s.dim, s.heads, s.mlp_dim) for _ in range(s.depth))
@@ -176,12 +199,13 @@ class MaskDecoder(nn.Module):
         self.box_head = ImageBoxHead(s.dim, box_hidden, box_layers) if box_token else None
 
     def forward(self, hidden: torch.Tensor, patch_features: torch.Tensor,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, question: LocContext | None = None) -> torch.Tensor:
         """`hidden` (N, llm_hidden), `patch_features` (N, P, vision_hidden) with P a square grid,
-        `pixel_values` (N, 3, S, S) when `pixel_skip` is on."""
-        return self.masks(self.attend(hidden, patch_features), pixel_values)
+        `pixel_values` (N, 3, S, S) when `pixel_skip` is on, `question` when `read_question` is on."""
+        return self.masks(self.attend(hidden, patch_features, question), pixel_values)
 
-    def attend(self, hidden: torch.Tensor, patch_features: torch.Tensor) -> DecoderState:
+    def attend(self, hidden: torch.Tensor, patch_features: torch.Tensor,
+               question: LocContext | None = None) -> DecoderState:
         """Run the two-way transformer once; masks and boxes are both read from its result."""
         n, num_patches, _ = patch_features.shape
         grid = int(math.isqrt(num_patches))
@@ -193,9 +217,17 @@ class MaskDecoder(nn.Module):
         queries = [self.mask_token.expand(n, -1, -1)]
         if self.box_token is not None:
             queries.append(self.box_token.expand(n, -1, -1))
-        tokens = torch.cat([*queries, self.prompt(hidden.to(dtype)).unsqueeze(1)], dim=1)
+        queries.append(self.prompt(hidden.to(dtype)).unsqueeze(1))
+        ignore = None
+        if self.question is not None:
+            if question is None:
+                raise ValueError("this mask decoder has read_question=True and needs the question's hidden states")
+            queries.append(self.question(question.states.to(dtype)))
+            fixed = torch.zeros(n, len(queries) - 1, dtype=torch.bool, device=image.device)
+            ignore = torch.cat([fixed, ~question.valid.to(image.device)], dim=1)
+        tokens = torch.cat(queries, dim=1)
         for block in self.blocks:
-            tokens, image = block(tokens, image, pos)
+            tokens, image = block(tokens, image, pos, ignore)
         tokens = self.final_norm(tokens + self.final_attn(tokens, image + pos, image, need_weights=False)[0])
         return DecoderState(tokens, image, grid)
 
@@ -295,13 +327,15 @@ class PerceptionHeads(nn.Module):
                                         box_hidden=box_hidden, box_layers=box_layers)
 
     def decode(self, hidden: torch.Tensor, images: torch.Tensor, vision: torch.Tensor | None,
-               pixel_values: torch.Tensor | None, want_masks: torch.Tensor | bool = True) -> DecodedLocs:
+               pixel_values: torch.Tensor | None, want_masks: torch.Tensor | bool = True,
+               question: LocContext | None = None) -> DecodedLocs:
         """Boxes and masks for `<loc>` states `hidden` (N, H).
 
         `images[i]` is the index in `vision` / `pixel_values` of state i's image (-1: none; then the box
         comes from the hidden-state MLP and no mask is made). `want_masks`: a bool or an (N,) bool mask of
         the states whose mask logits are returned (with `box_decoder="mlp"` the others skip the mask
-        decoder; with `"image"` every imaged state needs its mask for the box anyway).
+        decoder; with `"image"` every imaged state needs its mask for the box anyway). `question`: the
+        states that preceded each `<loc>` (one row per state), read when `read_question` is on.
         """
         n = hidden.shape[0]
         images = images.to(hidden.device)
@@ -313,7 +347,8 @@ class PerceptionHeads(nn.Module):
         if bool(needs_mask.any()):
             rows = needs_mask.nonzero().squeeze(-1)
             picked = images[rows]
-            state = self.mask_decoder.attend(hidden[rows], vision[picked])
+            state = self.mask_decoder.attend(hidden[rows], vision[picked],
+                                             question.rows(rows) if question is not None else None)
             logits = self.mask_decoder.masks(state, pixel_values[picked] if pixel_values is not None else None)
             if self.box_source == "image":
                 boxes = boxes.index_put((rows,), self.mask_decoder.boxes(state, logits).to(boxes.dtype))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from vlsafe.core.vlm import IGNORE_INDEX
+from vlsafe.core.vlm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vlsafe.perception.heads import LocContext
 
 
 def splice_loc_embeddings(embeddings: torch.Tensor, input_ids: torch.Tensor, loc_token_id: int,
@@ -43,3 +44,34 @@ def target_loc_hidden(hidden: torch.Tensor, input_ids: torch.Tensor, labels: tor
     if bool((cols[is_target] == 0).any()):
         raise ValueError("a supervised <loc> is the first token of its row; nothing precedes it to decode from")
     return hidden[rows[is_target], cols[is_target] - 1], is_target
+
+
+def text_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) True at the text a `<loc>` refers to: real tokens after the row's last image slot (all real
+    tokens in a row without images).
+
+    Why not the whole prompt: the system prompt before the image is the same in every sample, and the
+    decoder's attention, uniform at first, would spread over ~30 constant tokens and find the few words
+    that name the object (a colour, a shape) only slowly. In LLaVA-style prompts the question follows its
+    image, so this keeps the question and the answer so far.
+    """
+    image = input_ids == IMAGE_TOKEN_INDEX
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last_image = torch.where(image.any(1), (columns * image).amax(1), -1)
+    return attention_mask.bool() & (columns.unsqueeze(0) > last_image.unsqueeze(1))
+
+
+def target_loc_context(hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       labels: torch.Tensor, loc_token_id: int) -> LocContext:
+    """For each supervised `<loc>` (the order of `target_loc_hidden`): the text states before it.
+
+    These are exactly the states a generating model holds when it emits that `<loc>` (prompt and answer
+    so far), so the decoder reads the question the same way in training and generation.
+    """
+    rows, cols = loc_positions(input_ids, loc_token_id)
+    is_target = labels[rows, cols] != IGNORE_INDEX
+    rows, cols = rows[is_target], cols[is_target]
+    length = int(cols.max()) if cols.numel() else 0
+    before = torch.arange(length, device=input_ids.device).unsqueeze(0) < cols.unsqueeze(1)
+    valid = text_positions(input_ids, attention_mask)[rows, :length] & before
+    return LocContext(hidden[rows, :length], valid)
