@@ -296,3 +296,25 @@ def test_precomputed_average_logprob_matches_module_average(env):
     expected = module.reference_logps(_batch(module, samples)).view(2, -1)
     torch.testing.assert_close(torch.tensor([v["ref_logp_chosen"] for v in values]), expected[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor([v["ref_logp_rejected"] for v in values]), expected[1], atol=1e-5, rtol=0)
+
+
+def test_rewritten_shards_keep_the_inputs_presize_record(tmp_path):
+    """Tools that rewrite shards (blind generation, reference log-probs) pass images through unchanged, so a
+    pre-sized input stays pre-sized: the index must keep saying so."""
+    from PIL import Image
+
+    from vlsafe.data.images_presize import Presize
+    from vlsafe.data.processor import image_bytes
+
+    image = image_bytes(Image.new("RGB", (40, 30), (200, 10, 10)))
+    samples = [Sample(id=f"s{i}", messages=[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nq{i}"},
+                                            {"role": "assistant", "content": "a"}], images=[image])
+               for i in range(3)]
+    presize = Presize(32, (122, 116, 104))
+    write_shards(samples, tmp_path / "in", presize=presize)
+    summary = blind_lib.run_chunked(tmp_path / "in", tmp_path / "out",
+                                    lambda items: blind_lib.ChunkResult([s for _, s in items]), chunk_size=2,
+                                    progress=False)
+    assert summary.finished and summary.written == 3
+    assert load_index(tmp_path / "out").presized == presize.record() == load_index(tmp_path / "in").presized
+    assert [s.images for s in read_samples(tmp_path / "out")] == [s.images for s in read_samples(tmp_path / "in")]

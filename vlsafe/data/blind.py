@@ -442,5 +442,6 @@ def run_chunked(input_location: str | Path, out_dir: str | Path,
         shards = [ShardInfo(c["url"], c["count"]) for c in chunks if c["url"]]
         if not shards:
             raise ValueError(f"no usable samples to write to {out} ({len(summary.skipped)} skipped)")
-        ShardIndex(shards=shards, skipped=summary.skipped).save(out)
+        # images pass through unchanged, so shards pre-sized for a model stay so (`make_shards --presize`)
+        ShardIndex(shards=shards, skipped=summary.skipped, presized=input_index.presized).save(out)
     return summary
