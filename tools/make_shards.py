@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="stop at the first unusable sample (default) or skip and report it")
         p.add_argument("--presize", type=int, default=None, metavar="SIDE",
                        help="pad every image to a square and resize it to the model's input side now, stored "
-                            "losslessly (raw PPM by default), so training skips decoding the full image and resizing it (same pixels, "
+                            "losslessly (raw PPM by default), so training skips decoding the full image and "
+                            "resizing it (same pixels, "
                             "~3x less loading CPU: docs/data_performance.md). Only for models whose processor uses "
                             "this side; not for grounding data with boxes/masks")
         p.add_argument("--presize-mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),

@@ -54,7 +54,8 @@ def test_steps_get_the_encoders_floats_while_workers_ship_uint8(world_dir, token
 def test_normalize_pixels_matches_the_textbook_formula_and_passes_floats_through():
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     pixels = torch.arange(256, dtype=torch.uint8).repeat(3, 4, 1)  # every value in every channel
-    textbook = (pixels.double() / 255 - torch.tensor(mean).double().view(3, 1, 1)) / torch.tensor(std).double().view(3, 1, 1)
+    mean_t, std_t = torch.tensor(mean).double().view(3, 1, 1), torch.tensor(std).double().view(3, 1, 1)
+    textbook = (pixels.double() / 255 - mean_t) / std_t
     torch.testing.assert_close(normalize_pixels(pixels, mean, std).double(), textbook, atol=1e-6, rtol=0)
     already = torch.randn(3, 4, 4)
     assert normalize_pixels(already, mean, std) is already

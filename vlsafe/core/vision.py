@@ -209,7 +209,8 @@ class VisionTower(nn.Module):
         """(N, 3, S, S) uint8 or normalised float -> (N, num_patches, hidden_size); blocks after the selected
         one never run."""
         dtype = next(self.visual.parameters()).dtype
-        out = self.visual.forward_intermediates(self.normalize(pixel_values).to(dtype), indices=[self._block], stop_early=True,
+        pixels = self.normalize(pixel_values).to(dtype)
+        out = self.visual.forward_intermediates(pixels, indices=[self._block], stop_early=True,
                                                 intermediates_only=True, output_fmt="NLC")
         return out["image_intermediates"][0]
 

@@ -185,7 +185,8 @@ class VLMProcessor:
     def preprocess_images(self, images: list[bytes], sample_id: str = "?", normalize: bool = True) -> torch.Tensor:
         """(n, 3, S, S): float32 normalised, or uint8 with `normalize=False`."""
         if not images:
-            return torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.float32 if normalize else torch.uint8)
+            dtype = torch.float32 if normalize else torch.uint8
+            return torch.zeros(0, 3, self.image_size, self.image_size, dtype=dtype)
         return torch.stack([self.preprocess_image(img, sample_id, f"images[{i}]", normalize)
                             for i, img in enumerate(images)])
 
