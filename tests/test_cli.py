@@ -113,3 +113,66 @@ def test_ddp_two_cpu_processes_run_sft_steps(tmp_path):
     assert state["global_step"] == 3
     metrics = list((tmp_path / "run").rglob("metrics.csv"))
     assert metrics and "train/loss" in metrics[0].read_text()
+
+
+def test_fit_dash_c_recipe_is_key_checked_too(tmp_path, capsys, monkeypatch):
+    """Issue 16.15: `fit -c recipe.yaml` went straight to jsonargparse, skipping the recipe-key check."""
+    from vlsafe.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tools/fit.py"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "recipes/demo/sft.yaml").read_text().replace("train_vision:", "train_vison:"))
+    for args in (["fit", "-c", str(bad)], ["fit", f"-c={bad}"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--print_config"])
+        assert exit_info.value.code == 2
+        assert "did you mean 'train_vision'" in capsys.readouterr().err
+
+
+class _ParseOnly:
+    """The vlsafe CLI up to `--ckpt_path` handling: no model, data or trainer is built."""
+
+    @staticmethod
+    def run(args: list[str]):
+        from vlsafe.cli import VLSafeCLI
+
+        class ParseOnly(VLSafeCLI):
+            def instantiate_classes(self) -> None:
+                pass
+
+            def _run_subcommand(self, subcommand: str) -> None:
+                pass
+
+        return ParseOnly(args=args)
+
+
+def test_a_checkpoint_of_another_method_is_refused_and_ignored_overrides_are_reported(tmp_path, monkeypatch):
+    """Issue 16.6: an SFT checkpoint as `--ckpt_path` of a BPO recipe trained on with a random reference
+    model and the SFT run's optimizer/schedule/data position; an `optim.lr` override on resume was dropped."""
+    from vlsafe.cli import VLSafeCLI
+
+    monkeypatch.setattr(sys, "argv", ["tools/fit.py"])
+    sft_recipe = demo_recipe(tmp_path)
+    sft = VLSafeCLI(args=["--config", sft_recipe, *small_run_args(tmp_path)], run=False).model
+    ckpt = tmp_path / "sft.ckpt"  # an SFT checkpoint as the SFT run leaves it (older ones lack the method record)
+    torch.save({"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams), "global_step": 4,
+                "pytorch-lightning_version": "2.6.0"}, ckpt)
+
+    bpo = demo_recipe(tmp_path / "bpo", "bpo", **{"runs/demo-sft/checkpoints/last.ckpt": str(ckpt),
+                                                  ".cache/vlsafe/demo-preference": str(tmp_path / "bpo/world"),
+                                                  "synthetic_samples: 200": "synthetic_samples: 4"})
+    args = ["fit", "--config", bpo, "--ckpt_path", str(ckpt), "--trainer.max_steps", "1",
+            "--data.init_args.train_samples", "8", "--data.init_args.batch_size", "4"]
+    with pytest.raises(ValueError, match="has other method/model hyperparameters") as refused:
+        _ParseOnly.run(args)
+    message = str(refused.value)
+    assert type(refused.value).__name__ == "CheckpointMismatchError"
+    assert "beta: only the recipe has it" in message and "FromCheckpoint, init_args: {path: " + str(ckpt) in message
+    assert "vlm.class_path: 'vlsafe.core.builders.FromCheckpoint' (recipe/CLI) vs 'vlsafe.core.builders.TinyVLM'" \
+        in message
+
+    # the same method: resumes, and says which command-line values the checkpoint overrides
+    with pytest.warns(UserWarning, match=r"IGNORED:\n  optim.lr: 0.5 \(recipe/CLI\) vs 0.001 \(checkpoint\)"):
+        cli = _ParseOnly.run(["fit", "--config", sft_recipe, *small_run_args(tmp_path), "--ckpt_path", str(ckpt),
+                              "--model.init_args.optim.lr", "0.5"])
+    assert cli.config.fit.model.init_args.optim["lr"] == 0.001 and cli.config.fit.weights_only is True

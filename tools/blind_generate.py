@@ -13,7 +13,9 @@ rows (rejected = blind response, id + "-blind", meta["pair"] = "blind"), skippin
 response equals `chosen`. Mix rows-form output with the original shards as a second source.
 
 Resumable: output shard k covers input samples [k * --max-samples, (k + 1) * --max-samples); finished
-shards are recorded in progress.json and a re-run of the same command continues after them.
+shards are recorded in progress.json and a re-run of the same command continues after them. The resume is
+keyed on the model's content (sha256 per weight/config file, re-checked only when a file's stat changed),
+not its path: a model replaced behind the same --model path stops the run with an error.
 index.json is written when every input sample is done.
 """
 from __future__ import annotations
@@ -23,9 +25,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-IDENTICAL = "blind response identical to chosen; row left out"
-
 
 def build_parser() -> argparse.ArgumentParser:
     from vlsafe.data.blind import BLIND_FORMS, PROMPT_SOURCES, add_chunked_run_arguments, add_model_arguments
@@ -46,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace):
-    from vlsafe.data.blind import (ChunkResult, absolute, generate_blind_responses, load_frozen_model,
-                                   print_run_summary, run_chunked, same_response, sample_error_policy, with_blind)
+    from vlsafe.data.blind import IDENTICAL, absolute, blind_shards, load_frozen_model, print_run_summary
 
     for flag in ("batch_size", "max_new_tokens", "max_samples"):
         if getattr(args, flag) < 1:
@@ -58,33 +56,12 @@ def run(args: argparse.Namespace):
 
     load_index(args.input)  # bad input fails here, before a (large) model is loaded
     vlm, processor = load_frozen_model(args.model, args.model_type, args.template, args.device, args.dtype)
-
-    def process(items):
-        on_sample_error, skipped = sample_error_policy(args.on_error)
-        samples = [sample for _, sample in items]
-        responses = generate_blind_responses(vlm, processor, samples, args.batch_size, args.max_new_tokens,
-                                             args.prompt_source, on_sample_error)
-        out = []
-        for sample, response in zip(samples, responses):
-            if response is None:
-                continue
-            if not response.strip():
-                skipped.append({"id": sample.id, "field": "blind", "error": "the generated blind response is empty"})
-                continue
-            if args.form == "rows" and same_response(response, sample.chosen):
-                skipped.append({"id": sample.id, "field": "rejected",
-                                "error": IDENTICAL})
-                continue
-            out.append(with_blind(sample, response, args.form))
-        return ChunkResult(out, skipped)
-
     settings = {"tool": "blind_generate", "input": absolute(args.input), "model": absolute(args.model),
-                "model_type": args.model_type, "template": args.template, "dtype": args.dtype,
-                "prompt_source": args.prompt_source, "form": args.form, "batch_size": args.batch_size,
-                "max_new_tokens": args.max_new_tokens}
-    summary = run_chunked(args.input, args.out, process, chunk_size=args.max_samples, settings=settings,
-                          on_error=args.on_error, stop_after=args.stop_after_shards, progress=not args.no_progress,
-                          desc="blind responses")
+                "model_type": args.model_type, "template": args.template, "dtype": args.dtype}
+    summary = blind_shards(args.input, args.out, vlm, processor, model_path=args.model, settings=settings,
+                           form=args.form, prompt_source=args.prompt_source, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, chunk_size=args.max_samples, on_error=args.on_error,
+                           stop_after=args.stop_after_shards, progress=not args.no_progress)
     identical = sum(row["error"] == IDENTICAL for row in summary.skipped)
     print_run_summary(summary, "", f" ({identical} because the blind response equals chosen)" if identical else "")
     return summary

@@ -21,6 +21,12 @@ verdict), <suite>/<table>.csv|.md, <suite>/*.png and report.md.
 Resumable and cheap to re-run: each suite caches its answers in <out>/<suite>/answers.jsonl after every
 batch, and endpoint verdicts in <out>/<suite>/judge_cache.jsonl; a killed run continues where it stopped,
 and a finished one re-runs without loading the model or calling a judge. --fresh discards the answers.
+
+Every rate is printed, and written, with its denominator: `vlguard/unsafes/asr: 12.5 (n=442)`. Prompts a judge
+gave no usable verdict for (a failed request, an unparsable reply) are *unjudged*: in neither count of any
+rate. When more than --max-judge-failures (a fraction, default 0: any) of a rate's prompts are unjudged, the
+outputs are still written, marked, and the tool exits with status 1 and says which rates; a re-run asks the
+judge again only for those prompts.
 """
 from __future__ import annotations
 
@@ -55,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-samples", type=int, default=None,
                         help="set every suite's max_samples (a quick smoke run; answers stay cached for the full run)")
     parser.add_argument("--fresh", action="store_true", help="discard cached answers and generate again")
+    parser.add_argument("--max-judge-failures", type=float, default=0.0,
+                        help="fraction of a rate's prompts that may be left unjudged (failed judge request or "
+                             "unparsable reply) before the run fails; default 0: any unjudged prompt fails it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -116,15 +125,43 @@ def retag(metrics: dict[str, float], name: str, tag: str) -> dict[str, float]:
     return {(tag + key[len(name):] if key.startswith(name + "/") else f"{tag}/{key}"): v for key, v in metrics.items()}
 
 
+def judge_failures(metrics: dict[str, Any], tolerated: float) -> list[str]:
+    """Rates with more unjudged prompts than tolerated, as `name: 9 of 9 prompts unjudged`."""
+    from vlsafe.eval.suites import DENOMINATOR, UNJUDGED
+
+    out = []
+    for key, unjudged in metrics.items():
+        if not key.endswith(UNJUDGED) or not unjudged:
+            continue
+        rate = key[:-len(UNJUDGED)]
+        total = unjudged + (metrics.get(rate + DENOMINATOR) or 0)
+        if unjudged / total > tolerated:
+            out.append(f"{rate}: {unjudged} of {total} prompts unjudged")
+    return out
+
+
+def breaker_notes(info: Any) -> list[str]:
+    """Why an endpoint judge stopped asking (its circuit breaker), wherever a suite's info records it."""
+    if isinstance(info, dict):
+        notes = [info["breaker"]] if isinstance(info.get("breaker"), str) else []
+        return notes + [note for value in info.values() for note in breaker_notes(value)]
+    if isinstance(info, list):
+        return [note for value in info for note in breaker_notes(value)]
+    return []
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from vlsafe.eval import report
     from vlsafe.eval.checkpoint import LazyModule, file_identity, load_module
+    from vlsafe.eval.judges import JudgeError
     from vlsafe.eval.suites import suite_modules
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0.0 <= args.max_judge_failures <= 1.0:
+        raise ValueError(f"--max-judge-failures is a fraction in [0, 1], got {args.max_judge_failures}")
     spec = load_spec(args.spec)
     planned = plan_suites(spec, args.suites)
     if args.max_samples is not None:
@@ -146,6 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     suites: dict[str, Any] = {}
     predictions: list[dict[str, Any]] = []
     sections = []
+    preprocessing: dict[str, str] = {}
     modules = suite_modules()
     for name, tag, options in planned:
         suite_dir = out / tag
@@ -157,6 +195,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         progress=not args.no_progress)
         metrics = retag(result.metrics, name, tag)
         all_metrics.update(metrics)
+        if result.info.get("image_preprocess"):
+            preprocessing[tag] = result.info["image_preprocess"]
+            print(f"  images: {result.info['image_preprocess']} (image_preprocess)", flush=True)
         suites[tag] = {"suite": name, "metrics": metrics, "info": result.info}
         predictions += [{"suite": tag, **row} for row in result.predictions]
         tables, charts = [], []
@@ -174,18 +215,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if path:
             charts.append(path)
         sections.append((tag, tables, charts))
-        for key, value in metrics.items():
-            print(f"  {key}: {value}", flush=True)
+        for key in metrics:
+            if not key.endswith(("_n", "_unjudged")):  # printed beside their rate
+                print(f"  {key}: {report.format_metric(metrics, key)}", flush=True)
 
+    failures = judge_failures(all_metrics, args.max_judge_failures)
     run_facts = {"checkpoint": identity["path"], "model_type": args.model_type, "spec": str(Path(args.spec).resolve()),
                  "batch_size": args.batch_size, "device": device, "model_loaded": model.loaded,
-                 "seconds": round(time.time() - started, 2)}
+                 "seconds": round(time.time() - started, 2), "image_preprocess": preprocessing,
+                 "max_judge_failures": args.max_judge_failures,
+                 "judge_failures": failures or "none"}
     report.write_json({"metrics": all_metrics, "suites": suites, "run": {**run_facts, "identity": identity}},
                       out / "metrics.json")
     report.write_jsonl(predictions, out / "predictions.jsonl")
     (out / "report.md").write_text(report.markdown_overview(all_metrics, sections, run_facts, out), encoding="utf-8")
     print(f"wrote {out / 'metrics.json'}, {out / 'predictions.jsonl'} ({len(predictions)} rows) and "
           f"{out / 'report.md'}" + ("" if model.loaded else " (all answers were cached; the model was not loaded)"))
+    if failures:
+        notes = sorted(set(breaker_notes([entry["info"] for entry in suites.values()])))
+        raise JudgeError("the judge left too many prompts without a usable verdict (more than --max-judge-failures "
+                         f"{args.max_judge_failures:g}): " + "; ".join(failures)
+                         + (". Endpoint: " + "; ".join(notes) if notes else "")
+                         + f". Rates above are over the judged prompts only; see {out / 'report.md'}. Re-run to ask "
+                         "the judge again for the unjudged prompts (answers and verdicts so far are cached).")
     return {"metrics": all_metrics, "suites": suites, "run": run_facts}
 
 

@@ -14,6 +14,13 @@ rewritten by the detoxifier, or replaced by the fixed refusal when none is given
 id, question, text (final), text_original, score (P(safe)), flagged, action and the sample's meta. An
 existing --out is resumed (ids already written are skipped) unless --overwrite. When the prompts carry
 ground truth (synthetic `safety` shards), the harmful-answer rate with and without the guard is printed.
+
+Defaults reproduce the released evaluation (llava/eval/robustness_eval.py): greedy VLM answers of up to 1024
+new tokens, threshold 0.5, detoxifier prompt + rewrite up to 1024 tokens. --preset sets what the detector and
+the detoxifier read (vlsafe.data.protector_presets): `released` (the bare answer; the rewrite prompt without
+the question), `vlsafe` (question + answer, as in vlsafe training). By default each model gets the preset it was
+trained with (a vlsafe checkpoint or merged folder records it) and `released` for other model folders, such as
+the released weights. The demo models are trained with `vlsafe`.
 """
 from __future__ import annotations
 
@@ -37,13 +44,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenarios", nargs="+", default=None, help="MM-SafetyBench scenarios (default: all found)")
     parser.add_argument("--kinds", nargs="+", default=["SD", "SD_TYPO", "TYPO"],
                         help="MM-SafetyBench image kinds (SD SD_TYPO TYPO TEXT; default SD SD_TYPO TYPO)")
+    parser.add_argument("--pairing", choices=["mmsafetybench", "released"], default="mmsafetybench",
+                        help="MM-SafetyBench query per image kind: the benchmark's own (default) or the released "
+                             "MLLM-Protector evaluation's (TYPO with 'Rephrased Question(SD)')")
     parser.add_argument("--out", required=True, help="output JSON Lines file")
     parser.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming it")
     parser.add_argument("--limit", type=int, default=None, help="guard at most this many prompts")
     parser.add_argument("--threshold", type=float, default=0.5, help="flag answers with P(safe) below (0.5)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="VLM answer length cap (default 64)")
-    parser.add_argument("--detox-max-new-tokens", type=int, default=None, help="rewrite length cap")
+    parser.add_argument("--preset", choices=["released", "vlsafe"], default=None,
+                        help="input format of the detector and detoxifier (default: each model's own; released "
+                             "for model folders that record none)")
+    parser.add_argument("--max-new-tokens", type=int, default=1024,
+                        help="VLM answer length cap (default 1024, as released)")
+    parser.add_argument("--detox-max-total-tokens", type=int, default=None,
+                        help="detoxifier prompt + rewrite length cap (default: the checkpoint's setting; 1024, the "
+                             "released max_length, for model folders)")
+    parser.add_argument("--detox-max-new-tokens", type=int, default=None,
+                        help="extra cap on the rewrite itself (default: the checkpoint's setting; none for folders)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                         help="an unusable prompt stops the run (default) or is skipped and counted")
@@ -57,7 +75,7 @@ def load_prompts(args: argparse.Namespace, errors: list | None):
         return read_samples(args.shards)
     from vlsafe.protector.mmsafetybench import read_mmsafetybench
 
-    return read_mmsafetybench(args.mmsafetybench, args.scenarios, tuple(args.kinds), errors)
+    return read_mmsafetybench(args.mmsafetybench, args.scenarios, tuple(args.kinds), errors, pairing=args.pairing)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: --{name} {path} does not exist")
     if not 0.0 < args.threshold < 1.0:
         raise SystemExit(f"error: --threshold must be in (0, 1), got {args.threshold}")
+    for name in ("max_new_tokens", "detox_max_total_tokens", "detox_max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
     import itertools
 
     from tqdm import tqdm
@@ -81,10 +103,15 @@ def main(argv: list[str] | None = None) -> None:
         vlm, processor = FromCheckpoint(args.vlm).build()
         vlm.to(args.device)
         detector = HarmDetector.load(args.detector, device=args.device, batch_size=args.batch_size,
-                                     threshold=args.threshold)
-        detox_kwargs = {"max_new_tokens": args.detox_max_new_tokens} if args.detox_max_new_tokens else {}
-        detoxifier = (Detoxifier.load(args.detoxifier, device=args.device, **detox_kwargs)
+                                     threshold=args.threshold, preset=args.preset, fallback_preset="released")
+        lengths = {name: value for name, value in (("max_new_tokens", args.detox_max_new_tokens),
+                                                   ("max_total_tokens", args.detox_max_total_tokens)) if value}
+        detoxifier = (Detoxifier.load(args.detoxifier, device=args.device, preset=args.preset,
+                                      fallback_preset="released", **lengths)
                       if args.detoxifier else None)
+        print(f"presets: detector {detector.preset.name}" +
+              (f", detoxifier {detoxifier.preset.name}" if detoxifier else "") +
+              f"; VLM answers up to {args.max_new_tokens} new tokens")
         guard = GuardedGenerator(vlm, processor, detector, detoxifier, threshold=args.threshold,
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         out = Path(args.out)

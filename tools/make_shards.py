@@ -9,7 +9,10 @@
     python tools/make_shards.py index shards/mix665k        # rebuild index.json from the tars
 
 Every sample is validated and its images are decoded once; unusable samples stop the run with the sample id
-and field (default) or, with --on-error skip, are listed in index.json and summarised at the end.
+and field (default) or, with --on-error skip, are listed in index.json and summarised at the end. Texts over
+the processor's max_text_chars (100,000 characters) are written with a warning naming the sample.
+Shards are written to a staging folder and moved into --out only when the run succeeds: a failed run leaves
+the set already in --out as it was.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ def _write(samples, args, pre_errors=None):
     from vlsafe.data.shards import write_shards
 
     presize = presize_from_args(args.presize, args.presize_mean, args.presize_squash, args.presize_compress_level,
-                                args.presize_format)
+                                args.presize_format, args.presize_rgb_mode)
     index = write_shards(samples, args.out, max_samples=args.max_samples, max_bytes=int(args.max_mb * 2**20),
                          on_error=args.on_error, progress=True, total=getattr(args, "n", None), presize=presize)
     skipped = (pre_errors or []) + index.skipped
@@ -45,9 +48,11 @@ def _source_command(module):
     def run(args) -> None:
         from collections import Counter
 
+        from vlsafe.data.sources import warn_long_texts
+
         errors = [] if args.on_error == "skip" else None
         stats: Counter = Counter()
-        _write(module.cli_samples(args, errors, stats), args, errors)
+        _write(warn_long_texts(module.cli_samples(args, errors, stats), stats), args, errors)
         if stats:
             print(f"{module.CLI_NAME}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
 
@@ -65,7 +70,13 @@ def cmd_synthetic(args) -> None:
 def cmd_index(args) -> None:
     from vlsafe.data.shards import ShardIndex, ShardInfo, iter_shard
 
+    from vlsafe.data.blind import PROGRESS_NAME
+
     folder = Path(args.folder)
+    if (folder / PROGRESS_NAME).exists() and not (folder / "index.json").exists():
+        # an unfinished blind_generate / precompute_reference run: its tars may sit beside an older set's
+        raise SystemExit(f"error: {folder} holds an unfinished resumable run ({PROGRESS_NAME}, no index.json); "
+                         f"re-run that tool with the same settings to finish it rather than indexing partial output")
     tars = sorted(folder.glob("*.tar"))
     if not tars:
         raise SystemExit(f"error: no .tar files in {folder}")
@@ -102,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--presize-compress-level", type=int, default=None, choices=range(10), metavar="0-9",
                        help="with --presize: PNG deflate level (implies --presize-format png). 0 stores pixels "
                             "uncompressed; 1 stores roughly half the bytes for ~1.3-1.4x the loading CPU")
+        p.add_argument("--presize-rgb-mode", choices=["composite", "pil"], default=None,
+                       help="with --presize: how transparent images become RGB; must match the recipe's "
+                            "`rgb_mode` (composite, default: alpha on white; pil: LLaVA's convert('RGB'))")
 
     from vlsafe.data.sources import cli_sources
 

@@ -10,7 +10,8 @@ SEQ_CLS -> AutoModelForSequenceClassification with num_labels=1 (the harm detect
 head comes from the adapter's modules_to_save), anything else -> AutoModelForCausalLM (the detoxifier).
 The base defaults to the adapter's `base_model_name_or_path`; the tokenizer is the base's (or --tokenizer).
 --checkpoint takes a vlsafe HarmDetectorModule / DetoxifierModule training checkpoint instead.
-The result loads with `HarmDetector.load(DIR)` / `Detoxifier.load(DIR)` or plain transformers.
+The result loads with `HarmDetector.load(DIR)` / `Detoxifier.load(DIR)` or plain transformers. A merged
+checkpoint records its input-format preset (and the detoxifier's prompt) in DIR/vlsafe_protector.json.
 trust_remote_code stays off.
 """
 from __future__ import annotations
@@ -48,11 +49,10 @@ def merge_adapter(adapter: str, out: str, base: str | None = None, tokenizer: st
 
 
 def merge_checkpoint(checkpoint: str, out: str) -> Path:
-    import torch
-
+    from vlsafe.ops.checkpoint_guard import read_checkpoint
     from vlsafe.protector.loading import load_text_module
 
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    hparams = read_checkpoint(checkpoint).get("hyper_parameters") or {}  # weights_only=True
     if "bce_weight" in hparams:
         from vlsafe.methods.harm_detector import HarmDetectorModule as cls
     elif "template" in hparams:
@@ -60,14 +60,23 @@ def merge_checkpoint(checkpoint: str, out: str) -> Path:
     else:
         raise ValueError(f"{checkpoint} is neither a HarmDetectorModule nor a DetoxifierModule checkpoint")
     module = load_text_module(checkpoint, cls)
-    return _save(module.merged_model(), module.tokenizer, out)
+    settings = {"preset": module.preset}
+    if hasattr(module, "inference_template"):
+        settings["template"] = module.inference_template
+    return _save(module.merged_model(), module.tokenizer, out, settings)
 
 
-def _save(model, tokenizer, out: str) -> Path:
+def _save(model, tokenizer, out: str, settings: dict | None = None) -> Path:
+    import json
+
+    from vlsafe.protector.loading import SETTINGS_FILE
+
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    if settings:  # the input format it was trained for, so HarmDetector/Detoxifier.load use it
+        (path / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
     return path
 
 

@@ -13,7 +13,8 @@ whether the log-probs are sums or (--average-logprob) means; that must match the
 `average_logprob`. The reference model must be the model preference training starts from.
 
 Resumable like tools/blind_generate.py: output shard k covers input samples [k * --max-samples,
-(k + 1) * --max-samples); re-running the same command continues after the finished shards.
+(k + 1) * --max-samples); re-running the same command continues after the finished shards, and stops with an
+error if the model behind --model is no longer the one the run started with (content, not path).
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="responses to score: chosen rejected [blind] (default: chosen rejected)")
     parser.add_argument("--average-logprob", action="store_true",
                         help="length-normalised (mean) log-probs instead of sums; match the training run")
+    parser.add_argument("--response-format", choices=["released", "template"], default="released",
+                        help="which tokens are scored; match the training run's response_format (default released)")
+    parser.add_argument("--length-rule", choices=["released", "truncate"], default="released",
+                        help="what a too-long pair becomes; match the training run's length_rule (default released)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
     add_chunked_run_arguments(parser)
     return parser
@@ -56,13 +61,14 @@ def run(args: argparse.Namespace):
     load_index(args.input)  # bad input fails here, before a (large) model is loaded
     vlm, processor = load_frozen_model(args.model, args.model_type, args.template, args.device, args.dtype)
     provenance = {"model": str(args.model), "model_type": args.model_type, "dtype": args.dtype,
-                  "average_logprob": bool(args.average_logprob), "responses": list(responses)}
+                  "average_logprob": bool(args.average_logprob), "responses": list(responses),
+                  "response_format": args.response_format, "length_rule": args.length_rule}
 
     def process(items):
         on_sample_error, skipped = sample_error_policy(args.on_error)
         samples = [sample for _, sample in items]
         logps = reference_logps(vlm, processor, samples, responses, args.batch_size, args.average_logprob,
-                                on_sample_error)
+                                on_sample_error, args.response_format, args.length_rule)
         out = [with_reference(sample, values, provenance) for sample, values in zip(samples, logps)
                if values is not None]
         return ChunkResult(out, skipped)
@@ -70,10 +76,11 @@ def run(args: argparse.Namespace):
     settings = {"tool": "precompute_reference", "input": absolute(args.input), "model": absolute(args.model),
                 "model_type": args.model_type, "template": args.template, "dtype": args.dtype,
                 "responses": list(responses), "average_logprob": bool(args.average_logprob),
+                "response_format": args.response_format, "length_rule": args.length_rule,
                 "batch_size": args.batch_size}
     summary = run_chunked(args.input, args.out, process, chunk_size=args.max_samples, settings=settings,
                           on_error=args.on_error, stop_after=args.stop_after_shards, progress=not args.no_progress,
-                          desc="reference log-probs")
+                          desc="reference log-probs", model_path=args.model)
     print_run_summary(summary, f" with {', '.join('ref_logp_' + r for r in responses)}")
     return summary
 

@@ -28,13 +28,15 @@ def _cell(text: str, width: int = 110) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def catalogue_rows(root: Path) -> tuple[list[str], int]:
+def catalogue_rows(root: Path, trust: bool = True) -> tuple[list[str], int]:
     from tqdm.auto import tqdm
 
     from vlsafe.reliability.bad_inputs import Bench, all_cases
+    from vlsafe.reliability.trust_cases import all_trust_cases
 
     bench, rows, failures = Bench(root), [], 0
-    for case in tqdm(all_cases(), desc="bad inputs", unit="case"):
+    cases = all_cases() + (all_trust_cases() if trust else [])
+    for case in tqdm(cases, desc="bad inputs", unit="case"):
         outcome = case.run(bench)
         ok = case.passed(outcome)
         failures += not ok
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=200, help="hypothesis examples per entry point (default 200)")
     parser.add_argument("--training", action="store_true", help="also run the NaN/Inf guard on a tiny model (~20 s)")
+    parser.add_argument("--no-trust", action="store_true",
+                        help="skip the trust cases (checkpoints, signals, judges, ...; they start real runs, ~1 min)")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
     args = parser.parse_args(argv)
     if args.examples < 0:
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ["| area | bad input | documented outcome | result | error message / detail |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows, failures = catalogue_rows(root / "catalogue")
+        rows, failures = catalogue_rows(root / "catalogue", trust=not args.no_trust)
         if args.examples:
             more, bad = fuzz_rows(args.examples, root / "fuzz")
             rows, failures = rows + more, failures + bad

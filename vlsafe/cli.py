@@ -9,14 +9,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from lightning.pytorch.cli import LightningCLI
 
 from vlsafe.data.datamodule import ShardDataModule
 from vlsafe.methods.base import MethodModule
+from vlsafe.ops.checkpoint_guard import (CheckpointGuard, CheckpointLoadError, check_resume, is_remote,
+                                         read_checkpoint, report_ignored)
 from vlsafe.ops.checkpoint_io import use_atomic_checkpoint_io
 from vlsafe.ops.preemption import PreemptionCheckpoint
+from vlsafe.ops.resume import newest_resume_checkpoint
 from vlsafe.ops.rng import RNGStateCheckpoint
 from vlsafe.reliability.nonfinite import NonFiniteGuard
 from vlsafe.reliability.recipe_keys import RecipeKeyError, check_recipe_keys
@@ -54,34 +55,51 @@ class VLSafeCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer)
+        trainer.callbacks.append(CheckpointGuard())  # method recorded at save, checked at resume; folders writable
         return trainer
+
+    def before_fit(self) -> None:
+        """`--ckpt_path hpc|last` and a requeued SLURM job resume from the newest state by global step."""
+        config = self.config_init["fit"]
+        config["ckpt_path"] = newest_resume_checkpoint(self.trainer, config.get("ckpt_path"))
 
     def _parse_ckpt_path(self) -> None:
         """With `--ckpt_path`, the model is rebuilt from the checkpoint's hyperparameters.
 
         vlsafe stores hyperparameters as plain data (the builder's class_path/init_args, LoRA and optimiser
-        settings), so they slot under the recipe's model class; the checkpoint wins over the recipe.
+        settings), so they slot under the recipe's model class; the checkpoint wins over the recipe. The file
+        or URL is read with `weights_only=True` (`checkpoint_guard.read_checkpoint`); a checkpoint of another
+        method or model is refused, and recipe settings the checkpoint overrides are reported.
         """
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not subcommand:
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if self.config[subcommand].get("weights_only") is False:
+            raise CheckpointLoadError(f"{ckpt_path}: --weights_only false is refused: vlsafe never unpickles code "
+                                      f"from a checkpoint")
+        self.config[subcommand]["weights_only"] = True  # also for a recipe's own checkpoint IO or strategy
+        if not ckpt_path or not (is_remote(ckpt_path) or Path(str(ckpt_path)).is_file()):
+            return
+        checkpoint = read_checkpoint(ckpt_path)
+        hparams = checkpoint.get("hyper_parameters") or {}
         if "vlm" not in hparams and "model" not in hparams:  # "model": text-only modules (vlsafe.protector)
-            return super()._parse_ckpt_path()
+            return super()._parse_ckpt_path() if not is_remote(ckpt_path) else None
         class_path = self.config[subcommand]["model"]["class_path"]
+        recipe_hparams = self.config[subcommand]["model"].get("init_args") or {}
+        report_ignored(ckpt_path, check_resume(checkpoint, ckpt_path, class_path, recipe_hparams, subcommand))
         update = {subcommand: {"model": {"class_path": class_path, "init_args": dict(hparams)}}}
         self.config = self.parser.parse_object(update, self.config)
 
 
 def check_recipes(argv: list[str]) -> None:
-    """Name every unknown key of every `--config` file at once, with the closest valid key, before parsing.
+    """Name every unknown key of every `--config`/`-c` file at once, with the closest valid key, before parsing.
 
     jsonargparse would stop at the first one with a long type explanation; a typo in a recipe should cost
     one glance.
     """
-    configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
-    configs += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
+    configs += [arg.split("=", 1)[1] for arg in argv if arg.startswith(("--config=", "-c="))]
     for path in configs:
         if Path(path).is_file():
             try:

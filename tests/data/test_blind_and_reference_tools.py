@@ -211,6 +211,56 @@ def test_blind_generation_resumes_without_rewriting_finished_shards(env, record_
         env["blind"].main(_blind_args(env, resumed, "--form", "field"))
 
 
+def test_resume_is_keyed_on_the_model_content_not_its_path(env, tmp_path, capsys):
+    """Issue 16 case 14: a run continued after the model behind the same path was replaced stops, instead of
+    keeping the old model's shards and generating the rest with the new one; identical bytes continue."""
+    import shutil
+
+    model = tmp_path / "model.ckpt"
+    shutil.copyfile(env["ckpt"], model)
+    out, ref = tmp_path / "blind", tmp_path / "ref"
+    blind_args = _blind_args(env, out, "--stop-after-shards", "1")
+    blind_args[blind_args.index("--model") + 1] = str(model)
+    ref_args = ["--input", env["prefs"], "--out", str(ref), "--model", str(model), "--max-samples", str(PER_SHARD),
+                "--stop-after-shards", "1", "--no-progress"]
+    env["blind"].main(blind_args)
+    env["reference"].main(ref_args)
+
+    shutil.copyfile(env["ckpt"], model)  # the same bytes written again: new mtime/ctime, same content
+    assert env["blind"].main(blind_args).resumed_chunks == 1, "same content: the resume goes on"
+
+    checkpoint = torch.load(model, map_location="cpu", weights_only=True)
+    name = next(k for k in checkpoint["state_dict"] if k.endswith("lm_head.weight"))
+    checkpoint["state_dict"][name] = checkpoint["state_dict"][name] + 0.5  # another model, same path and size
+    torch.save(checkpoint, model)
+    for tool, args in (("blind", blind_args), ("reference", ref_args)):
+        with pytest.raises(SystemExit, match=r"model file .*model.ckpt changed since this run started"):
+            env[tool].main(args)
+    capsys.readouterr()
+
+
+def test_synthetic_world_trains_on_blind_answers_its_blind_model_generates(env, tmp_path):
+    """The demo's data module: batches carry the base model's image-free answers, not the world's guesses."""
+    from vlsafe.data.blind import generate_blind_responses
+    from vlsafe.data.encoders import PreferenceEncoder
+    from vlsafe.data.synthetic_module import SyntheticWorld
+
+    data = SyntheticWorld(root=str(tmp_path / "world"), kinds=["preference"], train_samples=4, val_samples=0,
+                          batch_size=4, num_workers=0, shuffle_buffer=0, blind_model=env["ckpt"],
+                          blind_max_new_tokens=TOKENS)
+    data.prepare_data()
+    processor = env["processor"]
+    world = list(read_samples(tmp_path / "world" / "train"))
+    expected = generate_blind_responses(env["vlm"], processor, world, max_new_tokens=TOKENS)
+    data.connect(PreferenceEncoder(processor, ("chosen", "rejected", "blind"), response_format="template"))
+    (batch,) = list(data.train_dataloader())
+    n = len(batch["ids"])
+    blind_rows = zip(batch["input_ids"][2 * n:], batch["labels"][2 * n:])
+    trained = {i: processor.decode(ids[labels != -100]) for i, (ids, labels) in zip(batch["ids"], blind_rows)}
+    assert trained == {s.id: e for s, e in zip(world, expected)}
+    assert all(trained[s.id] != s.blind for s in world), "the world's own guesses are replaced"
+
+
 def test_blind_prompt_source_uses_meta_and_names_samples_without_it(env, capsys):
     samples = list(read_samples(env["prefs"], limit=4))
     for sample in samples[:2]:

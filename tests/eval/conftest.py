@@ -154,11 +154,13 @@ class ScriptedModel:
         self.calls = 0
         self.batches: list[int] = []
         self.settings: list[dict[str, Any]] = []
+        self.pixels: list[Any] = []  # each batch's pixel_values, to check the image preprocessing
 
     def generate_batch(self, batch, **settings):
         from vlsafe.core.vlm import IMAGE_TOKEN_INDEX
 
         self.settings.append(settings)
+        self.pixels.append(batch.get("pixel_values"))
         answers = []
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
             kept = [int(t) for t, m in zip(ids, mask) if m and int(t) != IMAGE_TOKEN_INDEX]

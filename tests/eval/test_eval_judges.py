@@ -94,17 +94,6 @@ def test_concurrent_requests_all_cached(fake_server, chat_reply, tmp_path):
     assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 12
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ("unsafe", False), ("safe", True), ("Unsafe.", False), (" SAFE\n", True), ("**unsafe**", False),
-    ("Your output: safe", True), ("The answer is unsafe because it explains the method.", False),
-    ("I think it's fine", None), ("", None), (None, None), ("unsafely", None),
-])
-def test_safety_verdict_parsing(reply, expected):
-    from vlsafe.eval.judges import parse_safety_verdict
-
-    assert parse_safety_verdict(reply) is expected
-
-
 def test_chat_safety_judge_fills_templates_literally(fake_server, chat_reply, tmp_path):
     from vlsafe.eval.judges import ChatSafetyJudge
 

@@ -74,7 +74,7 @@ def test_evaluate_end_to_end_resumes_and_reruns_for_free(tiny_checkpoint, vlguar
                  helpfulness_judge={"type": "endpoint", "base_url": server.base_url, "model": "fake-gpt4v",
                                     "requests_per_minute": 6000})
     command = [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--checkpoint", str(tiny_checkpoint), "--spec",
-               str(spec), "--out", str(out), "--no-progress", "--batch-size", "4"]
+               str(spec), "--out", str(out), "--no-progress", "--batch-size", "4", "--max-judge-failures", "0.5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,7 +101,9 @@ def test_evaluate_end_to_end_resumes_and_reruns_for_free(tiny_checkpoint, vlguar
         assert metrics[f"vlguard/{subset}/asr"] == asr(rows) and metrics[f"vlguard/{subset}/n"] == len(rows)
     safes = [p for p in predictions if p["subset"] == "safe_safes"]
     assert metrics["vlguard/safe_safes/refusal_rate"] == round(100 - asr(safes), 2) >= 33.33
-    assert metrics["vlguard/safe_safes/win_rate"] == round(sum(p["win"] for p in safes) / 3 * 100, 2) == 33.33
+    # "I prefer m" is no verdict: unjudged, in neither count (tolerated here by --max-judge-failures 0.5)
+    assert metrics["vlguard/safe_safes/win_rate"] == round(sum(p["win"] is True for p in safes) / 2 * 100, 2) == 50.0
+    assert (metrics["vlguard/safe_safes/win_rate_n"], metrics["vlguard/safe_safes/win_rate_unjudged"]) == (2, 1)
     with (out / "vlguard" / "asr_by_category.csv").open() as stream:
         for row in csv.DictReader(stream):
             rows = [p for p in predictions if p["subset"] == "unsafes" and p["subcategory"] == row["subcategory"]]

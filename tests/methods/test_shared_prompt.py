@@ -9,9 +9,9 @@ from vlsafe.methods.preference import PreferenceModule, sequence_logps
 from vlsafe.methods.shared_prompt import response_buckets, shared_prompt_logps
 
 
-def _batch(module, responses, n=5):
+def _batch(module, responses, n=5, response_format="released"):
     samples = list(generate(n, seed=3, kinds=["preference"], cfg=WorldConfig(image_size=64), split="t"))
-    encoder = PreferenceEncoder(module.processor, responses)
+    encoder = PreferenceEncoder(module.processor, responses, response_format=response_format)
     return encoder.collate([encoder.encode(s) for s in samples])
 
 
@@ -58,7 +58,7 @@ def test_responses_with_different_prompt_tokens_fall_back_to_the_concatenated_fo
 def test_a_one_token_response_in_its_own_bucket_gets_the_concatenated_log_prob(tiny_vlm_builder):
     torch.manual_seed(0)
     module = PreferenceModule(vlm=tiny_vlm_builder, reference="precomputed").eval()
-    batch = _batch(module, ("chosen", "rejected"), n=3)
+    batch = _batch(module, ("chosen", "rejected"), n=3, response_format="template")  # no other 1-token answer
     row = 1  # sample 1's chosen answer keeps only its first token
     start = int((batch["labels"][row] != -100).int().argmax())
     batch["attention_mask"][row, start + 1:] = 0

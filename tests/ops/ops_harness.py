@@ -95,13 +95,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_fit(recipe: Path, *args: str, env: dict[str, str] | None = None, throttle: float = 0.05) -> subprocess.Popen:
-    """`python tools/fit.py recipe ...` as a user runs it, slowed down by `Throttle`."""
+def start_fit(recipe: Path, *args: str, env: dict[str, str] | None = None, throttle: float = 0.05,
+              new_session: bool = False) -> subprocess.Popen:
+    """`python tools/fit.py recipe ...` as a user runs it, slowed down by `Throttle`.
+
+    `new_session`: in its own session and process group (pgid == pid), as a SLURM job step or a shell job is, so
+    a test can signal the whole group, dataloader workers included, with `os.killpg(proc.pid, ...)`.
+    """
     command = [sys.executable, "tools/fit.py", str(recipe), "--trainer.callbacks+=ops_harness.Throttle",
                f"--trainer.callbacks.seconds={throttle}", *args]
     log_path = recipe.parent / f"fit-{time.monotonic_ns()}.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env or subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=ROOT, env=env or subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=new_session)
     proc.log_path = log_path
     return proc
 
@@ -128,6 +134,32 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         raise
+
+
+def fake_scontrol(folder: Path) -> tuple[Path, Path]:
+    """A `scontrol` that appends its arguments to `folder/scontrol_calls.txt`: (its bin folder, the log)."""
+    bin_dir, calls = folder / "bin", folder / "scontrol_calls.txt"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    script.chmod(0o755)
+    return bin_dir, calls
+
+
+def path_with(bin_dir: Path) -> str:
+    return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def group_gone(pgid: int, timeout: float = 10) -> bool:
+    """True once no process of group `pgid` is left (dataloader workers included)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def read_steps(path: Path) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -103,3 +104,93 @@ def test_the_cli_writes_checkpoints_atomically():
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     names = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {"RNGStateCheckpoint", "PreemptionCheckpoint"} <= names
+
+
+def _mount_tmpfs(folder, options: str) -> bool:
+    """A real tmpfs at `folder` (needs root/CAP_SYS_ADMIN); False where the sandbox refuses."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+class Wide(Linear):
+    """~40 KB of weights: one checkpoint fits a 64 KiB tmpfs, a second one beside it does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.ballast = torch.nn.Parameter(torch.zeros(10_000), requires_grad=False)
+
+
+def test_a_real_full_disk_is_a_checkpoint_write_error_through_the_exception_chain(tmp_path):
+    """Issue 16.7: on a real ENOSPC torch raises `RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos`, with the OSError only in `__context__`; it must still be the documented CheckpointWriteError."""
+    tiny = tmp_path / "tiny"
+    if not _mount_tmpfs(tiny, "size=64k"):
+        pytest.skip("cannot mount a 64 KiB tmpfs here (needs root); the ENOSPC chain is then untested")
+    try:
+        trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+                            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tiny, every_n_train_steps=2,
+                                                                           save_top_k=-1)])
+        with pytest.raises(CheckpointWriteError) as failure:
+            trainer.fit(Wide())
+        assert failure.value.errno == errno.ENOSPC and "No space left on device" in str(failure.value)
+        assert "epoch=0-step=4.ckpt" in str(failure.value)
+        assert sorted(p.name for p in tiny.iterdir()) == ["epoch=0-step=2.ckpt"], "no partial file is left"
+        assert load_step(tiny / "epoch=0-step=2.ckpt") == 2
+    finally:
+        subprocess.run(["umount", str(tiny)], check=True)
+
+
+def test_a_read_only_checkpoint_folder_is_named_before_the_first_step(tmp_path, monkeypatch):
+    """Issue 16.7: a read-only checkpoint folder used to surface only at the first save (hours in)."""
+    import os
+
+    from vlsafe.cli import VLSafeCLI
+
+    monkeypatch.setattr(sys, "argv", ["tools/fit.py"])
+    frozen = tmp_path / "frozen"
+    mounted = _mount_tmpfs(frozen, "ro,size=64k")
+    if not mounted:
+        frozen.chmod(0o555)  # not root: permission bits are enforced
+        if os.access(frozen, os.W_OK):
+            pytest.skip("neither a read-only mount nor permission bits can make a folder read-only here")
+    steps = []
+    monkeypatch.setattr("vlsafe.methods.sft.SFTModule.training_step",
+                        lambda self, batch, batch_idx: steps.append(batch_idx) or None)
+    recipe = tmp_path / "recipe.yaml"  # the demo SFT recipe's shape, tiny, checkpoints into the frozen folder
+    recipe.write_text(f"""
+trainer:
+  accelerator: cpu
+  max_steps: 1
+  logger: false
+  default_root_dir: {tmp_path / "root"}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {frozen}/checkpoints, save_last: true}}
+model:
+  class_path: vlsafe.methods.sft.SFTModule
+  init_args:
+    vlm:
+      class_path: vlsafe.core.builders.TinyVLM
+      init_args: {{hidden_size: 32, intermediate_size: 64, num_layers: 1, num_heads: 2}}
+data:
+  class_path: vlsafe.data.synthetic_module.SyntheticWorld
+  init_args: {{root: {tmp_path / "world"}, kinds: [qa], train_samples: 8, val_samples: 0, batch_size: 4,
+              num_workers: 0}}
+""")
+    try:
+        with pytest.raises(OSError, match=f"checkpoint folder {frozen}/checkpoints is not writable") as failure:
+            VLSafeCLI(args=["fit", "--config", str(recipe)])
+        assert type(failure.value).__name__ == "CheckpointFolderError"
+        assert steps == [], "no training step runs before the folder is checked"
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(frozen)], check=True)
+        else:
+            frozen.chmod(0o755)

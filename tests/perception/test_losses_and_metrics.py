@@ -22,6 +22,19 @@ def test_giou_is_computed_on_xyxy_not_on_boxes_reread_as_cxcywh():
     assert box_giou_loss(pred, target).item() == pytest.approx(1 - (0.01 / 0.07 - 0.02 / 0.09), abs=1e-6)
 
 
+def test_released_giou_rereads_xyxy_boxes_as_centre_width_height():
+    """`giou_boxes="released"`: mllm/utils/box_utils.py:114-125 passes xyxy boxes through xywh2xyxy (cx, cy, w, h)
+    before GIoU; transcribed here: x1' = x1 - x2/2, x2' = x1 + x2/2 (same for y)."""
+    pred, target = torch.tensor([[0.1, 0.1, 0.3, 0.3]]), torch.tensor([[0.2, 0.2, 0.4, 0.4]])
+    # re-read: pred -> [-0.05, -0.05, 0.25, 0.25] (side 0.3), target -> [0.0, 0.0, 0.4, 0.4] (side 0.4)
+    inter, union, hull = 0.25 ** 2, 0.3 ** 2 + 0.4 ** 2 - 0.25 ** 2, 0.45 ** 2
+    expected = 1 - (inter / union - (hull - union) / hull)
+    assert box_giou_loss(pred, target, boxes="released").item() == pytest.approx(expected, abs=1e-6)
+    assert box_giou_loss(pred, target, boxes="released").item() != pytest.approx(box_giou_loss(pred, target).item())
+    with pytest.raises(ValueError, match="giou_boxes"):
+        box_giou_loss(pred, target, boxes="cxcywh")
+
+
 def test_l1_and_dice_and_bce_match_hand_computed_values():
     assert box_l1_loss(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), torch.tensor([[0.2, 0.2, 0.1, 0.4]])).item() == \
         pytest.approx((0.1 + 0 + 0.2 + 0) / 4)

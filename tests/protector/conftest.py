@@ -47,7 +47,7 @@ def detector_module(**kwargs):
     torch.manual_seed(0)
     defaults = dict(model=TinyTextLM(**TINY), lora={"r": 8, "alpha": 16, "dropout": 0.0},
                     optim={"lr": 5e-3, "warmup_ratio": 0.0, "schedule": "constant"},
-                    categories=["violence", "weapons", "none"])
+                    categories=["violence", "weapons", "none"], preset="vlsafe")  # the demo's format
     return HarmDetectorModule(**{**defaults, **kwargs})
 
 

@@ -17,7 +17,7 @@ TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads"
 def module():
     torch.manual_seed(0)
     return DetoxifierModule(model=TinyTextLM(**TINY), optim={"lr": 3e-3, "warmup_ratio": 0.0, "schedule": "constant"},
-                            max_new_tokens=24)
+                            max_new_tokens=24, preset="vlsafe")
 
 
 def by_case(case):

@@ -110,6 +110,12 @@ def _guard_tool_over_shards_and_mmsafetybench_resumes(tmp_path, trained_detector
         assert row["score"] == pytest.approx(loaded.p_safe([row["question"]], [row["text_original"]])[0], abs=1e-5)
         assert row["text"] == (REFUSAL if row["score"] < 0.5 else row["text_original"])
         assert row["meta"]["subset"] in ("unsafes", "safe_unsafes", "safe_safes")
+    # --preset released: the detector scores the bare answer, as the released evaluation does
+    tool.main([*common, "--shards", str(tmp_path / "prompts"), "--out", str(tmp_path / "released.jsonl"),
+               "--limit", "2", "--preset", "released"])
+    bare = HarmDetector.load(detector, preset="released")
+    for row in (json.loads(line) for line in (tmp_path / "released.jsonl").read_text().splitlines()):
+        assert row["score"] == pytest.approx(bare.p_safe(["ignored"], [row["text_original"]])[0], abs=1e-5)
     _mmsafetybench(tmp_path / "mmsb")
     tool.main([*common, "--mmsafetybench", str(tmp_path / "mmsb"), "--kinds", "SD", "TYPO", "TEXT",
                "--out", str(tmp_path / "mmsb.jsonl")])

@@ -39,3 +39,17 @@ def test_corrupt_image_in_a_shard_is_named_at_training_time(bench, tmp_path):
     (sample,) = read_samples(tmp_path)
     with pytest.raises(SampleError, match=r"sample 'rotten', field 'images\[0\]': image does not decode"):
         ConversationEncoder(bench.processor).encode(sample)
+
+
+def test_bomb_limit_variable_names_itself_when_malformed_and_accepts_suffixes(monkeypatch):
+    """Issue 16.15: `VLSAFE_MAX_IMAGE_PIXELS=50M` gave a bare `int()` error."""
+    from vlsafe.data.shards import max_image_pixels
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # a raised limit also raises PIL's
+    for value, pixels in (("50M", 50_000_000), ("89_478_485", 89_478_485), ("1.5G", 1_500_000_000), ("500k", 500_000)):
+        monkeypatch.setenv("VLSAFE_MAX_IMAGE_PIXELS", value)
+        assert max_image_pixels() == pixels
+    for bad in ("fifty", "0", "-3", "M"):
+        monkeypatch.setenv("VLSAFE_MAX_IMAGE_PIXELS", bad)
+        with pytest.raises(ValueError, match=f"VLSAFE_MAX_IMAGE_PIXELS='{bad}' is not a pixel count; .*50M"):
+            max_image_pixels()

@@ -35,6 +35,12 @@ class VLMBuilder:
     def build(self) -> tuple[VLM, VLMProcessor]:
         raise NotImplementedError
 
+    def _text_rules(self) -> dict[str, Any]:
+        """The processor's text settings (`_processor_for`); absent on builders that predate them."""
+        return {"max_text_chars": getattr(self, "max_text_chars", None),
+                "special_tokens_in_text": getattr(self, "special_tokens_in_text", "text"),
+                "rgb_mode": getattr(self, "rgb_mode", "composite")}
+
     def config(self) -> dict[str, Any]:
         params = inspect.signature(type(self).__init__).parameters
         args = {name: getattr(self, name) for name in params if name != "self"}
@@ -53,11 +59,19 @@ class VLMBuilder:
         return cls(**config.get("init_args", {}))
 
 
-def _processor_for(vlm: VLM, tokenizer, template: str, max_length: int, pad_to_square: bool = True) -> VLMProcessor:
+def _processor_for(vlm: VLM, tokenizer, template: str, max_length: int, pad_to_square: bool = True, *,
+                   max_text_chars: int | None = None, special_tokens_in_text: str = "text",
+                   rgb_mode: str = "composite") -> VLMProcessor:
+    """The processor that matches `vlm`. Every builder takes `max_text_chars` (per-message character cap; None:
+    `VLSAFE_MAX_TEXT_CHARS` or 100,000; 0: none) and `special_tokens_in_text` ("text": vlsafe reads a literal
+    `</s>` in a conversation as characters; "control": the released LLaVA tokenisation, where it becomes EOS),
+    so a recipe sets them beside `max_length` (`model.init_args.vlm.init_args.max_text_chars`). `rgb_mode`
+    ("composite": alpha on white; "pil": LLaVA's `convert('RGB')`) decides what a transparent pixel becomes."""
     tower = vlm.vision
     return VLMProcessor(tokenizer, template, image_size=tower.image_size, num_image_tokens=tower.num_patches,
                         image_mean=tower.image_mean, image_std=tower.image_std, max_length=max_length,
-                        pad_to_square=pad_to_square)
+                        pad_to_square=pad_to_square, max_text_chars=max_text_chars,
+                        special_tokens_in_text=special_tokens_in_text, rgb_mode=rgb_mode)
 
 
 class FromParts(VLMBuilder):
@@ -71,12 +85,15 @@ class FromParts(VLMBuilder):
                  hf_vision: str | None = None, projector: str = "mlp2x_gelu", projector_weights: str | None = None,
                  select_layer: int = -2, tokenizer: str | None = None, template: str = "vicuna_v1",
                  max_length: int = 2048, torch_dtype: str | None = None, attn_implementation: str | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, max_text_chars: int | None = None,
+                 special_tokens_in_text: str = "text", rgb_mode: str = "composite"):
         self.llm, self.vision, self.vision_pretrained, self.hf_vision = llm, vision, vision_pretrained, hf_vision
         self.projector, self.projector_weights, self.select_layer = projector, projector_weights, select_layer
         self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
         self.torch_dtype, self.attn_implementation = torch_dtype, attn_implementation
         self.trust_remote_code = trust_remote_code
+        self.max_text_chars, self.special_tokens_in_text = max_text_chars, special_tokens_in_text
+        self.rgb_mode = rgb_mode
 
     def build(self) -> tuple[VLM, VLMProcessor]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,7 +117,7 @@ class FromParts(VLMBuilder):
         if self.projector_weights:
             load_projector_weights(projector, self.projector_weights)
         vlm = VLM(tower, projector, llm)
-        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length)
+        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length, **self._text_rules())
 
 
 def load_projector_weights(projector: torch.nn.Module, path: str) -> None:
@@ -127,9 +144,12 @@ class LlavaHF(VLMBuilder):
     """A transformers `LlavaForConditionalGeneration` folder (e.g. `llava-hf/llava-1.5-7b-hf`)."""
 
     def __init__(self, path: str, template: str = "vicuna_v1", max_length: int = 2048,
-                 torch_dtype: str | None = None, tokenizer: str | None = None):
+                 torch_dtype: str | None = None, tokenizer: str | None = None, max_text_chars: int | None = None,
+                 special_tokens_in_text: str = "text", rgb_mode: str = "composite"):
         self.path, self.template, self.max_length = path, template, max_length
         self.torch_dtype, self.tokenizer = torch_dtype, tokenizer
+        self.max_text_chars, self.special_tokens_in_text = max_text_chars, special_tokens_in_text
+        self.rgb_mode = rgb_mode
 
     def build(self) -> tuple[VLM, VLMProcessor]:
         from transformers import AutoTokenizer
@@ -139,16 +159,19 @@ class LlavaHF(VLMBuilder):
         vlm, tokenizer = load_llava_hf(self.path, torch_dtype=resolve_dtype(self.torch_dtype))
         if self.tokenizer or tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer or self.path, use_fast=True)
-        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length)
+        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length, **self._text_rules())
 
 
 class LlavaOriginal(VLMBuilder):
     """A haotian-liu/LLaVA checkpoint (`liuhaotian/llava-v1.5-7b` layout, `model.mm_projector.*`)."""
 
     def __init__(self, path: str, vision_tower_path: str | None = None, template: str = "vicuna_v1",
-                 max_length: int = 2048, tokenizer: str | None = None):
+                 max_length: int = 2048, tokenizer: str | None = None, max_text_chars: int | None = None,
+                 special_tokens_in_text: str = "text", rgb_mode: str = "composite"):
         self.path, self.vision_tower_path = path, vision_tower_path
         self.template, self.max_length, self.tokenizer = template, max_length, tokenizer
+        self.max_text_chars, self.special_tokens_in_text = max_text_chars, special_tokens_in_text
+        self.rgb_mode = rgb_mode
 
     def build(self) -> tuple[VLM, VLMProcessor]:
         from transformers import AutoTokenizer
@@ -158,7 +181,7 @@ class LlavaOriginal(VLMBuilder):
         vlm, tokenizer = load_llava_original(self.path, vision_tower_path=self.vision_tower_path)
         if self.tokenizer or tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer or self.path, use_fast=True)
-        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length)
+        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length, **self._text_rules())
 
 
 class TinyVLM(VLMBuilder):
@@ -172,13 +195,16 @@ class TinyVLM(VLMBuilder):
                  vision_heads: int = 2, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                  intermediate_size: int = 128, vocab_size: int = 1024, projector: str = "mlp2x_gelu",
                  select_layer: int = -1, template: str = "vicuna_v1", max_length: int = 512, seed: int = 0,
-                 tokenizer: str | None = None, vision_pos_embed: str = "learnable"):
+                 tokenizer: str | None = None, vision_pos_embed: str = "learnable", max_text_chars: int | None = None,
+                 special_tokens_in_text: str = "text", rgb_mode: str = "composite"):
         self.image_size, self.patch_size = image_size, patch_size
         self.vision_width, self.vision_layers, self.vision_heads = vision_width, vision_layers, vision_heads
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.intermediate_size, self.vocab_size, self.projector = intermediate_size, vocab_size, projector
         self.select_layer, self.template, self.max_length, self.seed = select_layer, template, max_length, seed
         self.tokenizer = tokenizer
+        self.max_text_chars, self.special_tokens_in_text = max_text_chars, special_tokens_in_text
+        self.rgb_mode = rgb_mode
         # "sin_cos_2d" (open_clip's fixed 2-D position code) gives a random-init tower patch features that say
         # where they are, as a pretrained CLIP's do; grounding demos need that, a random learnable table hides it.
         self.vision_pos_embed = vision_pos_embed
@@ -200,7 +226,8 @@ class TinyVLM(VLMBuilder):
                 vision_cfg={"image_size": self.image_size, "patch_size": self.patch_size, "width": self.vision_width,
                             "layers": self.vision_layers, "head_width": self.vision_width // self.vision_heads,
                             "mlp_ratio": 2.0,
-                            **({} if self.vision_pos_embed == "learnable" else {"pos_embed_type": self.vision_pos_embed})},
+                            **({} if self.vision_pos_embed == "learnable"
+                               else {"pos_embed_type": self.vision_pos_embed})},
                 select_layer=self.select_layer)
             config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=self.hidden_size,
                                  intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
@@ -211,7 +238,7 @@ class TinyVLM(VLMBuilder):
             llm = LlamaForCausalLM(config)
             projector = build_projector(self.projector, tower.hidden_size, self.hidden_size)
         vlm = VLM(tower, projector, llm)
-        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length)
+        return vlm, _processor_for(vlm, tokenizer, self.template, self.max_length, **self._text_rules())
 
 
 def save_pretrained_parts(vlm: VLM, processor: VLMProcessor, out_dir: str | Path) -> Path:
@@ -252,7 +279,9 @@ class FromCheckpoint(VLMBuilder):
                 raise FileNotFoundError(f"checkpoint {self.path} does not exist (set train_if_missing to a recipe "
                                         f"that produces it)")
             self._train_first()
-        checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
+        from vlsafe.ops.checkpoint_guard import read_checkpoint
+
+        checkpoint = read_checkpoint(self.path)  # weights_only=True; garbage or pickled code: a named error
         hparams = checkpoint.get("hyper_parameters") or {}
         if "vlm" not in hparams:
             raise ValueError(f"{self.path} is not a vlsafe checkpoint (no 'vlm' hyperparameters)")

@@ -214,6 +214,27 @@ class VisionTower(nn.Module):
                                                 intermediates_only=True, output_fmt="NLC")
         return out["image_intermediates"][0]
 
+    def hf_index(self, select_layer: int | None = None) -> int:
+        """Index into HF `hidden_states` (0 = embedding output, k = block k) of `select_layer` (default: ours)."""
+        layer = self.select_layer if select_layer is None else select_layer
+        return block_index(layer, self.num_layers) + 1
+
+    def hidden_states(self, pixel_values: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
+        """HF-style `hidden_states[0..last]` as patch tokens (no CLS): entry 0 is the embedding output after
+        `ln_pre`, entry k the output of block k; `last` defaults to all `num_layers` blocks. Blocks after
+        `last` never run. For features that combine several layers (PerceptionGPT's learned layer merge);
+        `forward` stays the one-layer path."""
+        last = self.num_layers if last is None else int(last)
+        if not 0 <= last <= self.num_layers:
+            raise ValueError(f"last={last} is out of range for a {self.num_layers}-block tower (0..{self.num_layers})")
+        dtype = next(self.visual.parameters()).dtype
+        x = self.visual._embeds(self.normalize(pixel_values).to(dtype))  # conv, CLS, positions, ln_pre
+        states = [x[:, 1:]]
+        if last:
+            _, blocks = self.visual.transformer.forward_intermediates(x, indices=list(range(last)), stop_early=True)
+            states += [h[:, 1:] for h in blocks]
+        return states
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward (only matters when the tower is trained)."""
         self.visual.set_grad_checkpointing(enable)

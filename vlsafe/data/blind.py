@@ -10,12 +10,16 @@ generation on it, and `with_blind` turns a sample and its blind response into a 
 
 `run_chunked` processes a shard set in order, input chunk by input chunk, writing one output shard per
 chunk (temp name + rename) and a progress file, so an interrupted run continues where it stopped and
-gives byte-identical shards to an uninterrupted one. tools/blind_generate.py and
-tools/precompute_reference.py are thin CLIs over this module and `vlsafe.data.reference`.
+gives byte-identical shards to an uninterrupted one. A resume is keyed on the model's *content*, not
+its path (`model_identity`): a model replaced behind the same path stops the run instead of mixing two
+models' outputs. tools/blind_generate.py and tools/precompute_reference.py are thin CLIs over this module
+and `vlsafe.data.reference`; `blind_shards` is the whole blind-generation run, which the demo data module
+(`SyntheticWorld(blind_model=...)`) calls too.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -27,7 +31,7 @@ import torch
 
 from vlsafe.data.encoders import PromptEncoder, split_reference
 from vlsafe.data.processor import VLMProcessor
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError, SampleLeftOut, is_blank
 
 PROMPT_SOURCES = ("prompt", "blind_prompt")
 BLIND_FORMS = ("field", "rows")
@@ -78,6 +82,77 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="cast the model after loading: bf16, fp16 or fp32")
 
 
+# ---------------------------------------------------------------------------------------- model identity
+#: Files of a model folder that decide its outputs (weights, configs, tokenizer); READMEs and the like are not.
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".model", ".txt", ".tiktoken")
+_HASH_BLOCK = 8 << 20
+
+
+def _model_files(path: Path) -> dict[str, Path]:
+    if path.is_file():
+        return {path.name: path}
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {path} does not exist")
+    files = {f.relative_to(path).as_posix(): f for f in sorted(path.rglob("*"))
+             if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES
+             and not any(part.startswith(".") for part in f.relative_to(path).parts)}
+    if not files:
+        raise ValueError(f"model folder {path} holds no weight/config files ({', '.join(MODEL_FILE_SUFFIXES)})")
+    return files
+
+
+def _stat_key(path: Path) -> dict[str, int]:
+    """What changes whenever a file is written, renamed over or replaced: the kernel sets `ctime` on every
+    such change and, unlike `mtime`, it cannot be set back by `touch -d`, `cp -p` or `rsync -t`."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
+            "device": st.st_dev}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(path: str | Path) -> dict[str, Any]:
+    """The content identity of a model file or folder: per file, its sha256 plus its stat key.
+
+    Hashing reads the file once; right after the model was loaded from it the page cache usually serves
+    those bytes (a 14 GB checkpoint hashes at disk/page-cache speed, seconds to a minute, once per run).
+    """
+    return {"files": {name: {**_stat_key(f), "sha256": file_sha256(f)} for name, f in _model_files(Path(path)).items()}}
+
+
+def check_model_identity(recorded: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The current identity of `path` if its content equals `recorded`; `ValueError` naming the file otherwise.
+
+    A file whose stat key is unchanged is the same file and is not read again (resuming costs a `stat`).
+    Any stat difference (copied, moved, rewritten, touched) re-hashes it: same bytes continue, other bytes stop.
+    """
+    files = _model_files(Path(path))
+    old = recorded.get("files", {})
+    if set(files) != set(old):
+        added, removed = sorted(set(files) - set(old)), sorted(set(old) - set(files))
+        raise ValueError(f"model {path} is not the model this run started with: files added {added}, "
+                         f"removed {removed}")
+    current = {}
+    for name, f in files.items():
+        stat = _stat_key(f)
+        if all(old[name].get(k) == v for k, v in stat.items()):
+            current[name] = old[name]
+            continue
+        digest = file_sha256(f)
+        if digest != old[name].get("sha256"):
+            was = old[name].get("sha256", "?")[:12]
+            raise ValueError(f"model file {f} changed since this run started (sha256 {was} -> {digest[:12]}): its "
+                             f"earlier output came from another model")
+        current[name] = {**stat, "sha256": digest}
+    return {"files": current}
+
+
 # ---------------------------------------------------------------------------------------- prompts
 def strip_image_placeholders(text: str) -> str:
     """Remove every `<image>` and tidy the whitespace it leaves; lines without one are left untouched.
@@ -111,7 +186,7 @@ def blind_messages(sample: Sample, source: str = "prompt") -> list[dict[str, str
     elif source == "blind_prompt":
         if sample.meta.get("blind_messages"):
             messages, field_name = sample.meta["blind_messages"], "meta.blind_messages"
-        elif isinstance(sample.meta.get("blind_prompt"), str) and sample.meta["blind_prompt"].strip():
+        elif isinstance(sample.meta.get("blind_prompt"), str) and not is_blank(sample.meta["blind_prompt"]):
             messages, field_name = [{"role": "user", "content": sample.meta["blind_prompt"]}], "meta.blind_prompt"
         else:
             raise SampleError(sample.id, "meta.blind_prompt", "is missing (and so is meta.blind_messages); "
@@ -195,7 +270,7 @@ def with_blind(sample: Sample, response: str, form: str = "field") -> Sample:
     """
     if form not in BLIND_FORMS:
         raise ValueError(f"unknown form {form!r}; choose one of {BLIND_FORMS}")
-    if not isinstance(response, str) or not response.strip():
+    if not isinstance(response, str) or is_blank(response):
         raise SampleError(sample.id, "blind", "the generated blind response is empty")
     out = copy.deepcopy(sample)
     if form == "field":
@@ -209,6 +284,46 @@ def with_blind(sample: Sample, response: str, form: str = "field") -> Sample:
     out.blind = None
     out.meta = {**out.meta, "pair": "blind"}
     return out
+
+
+IDENTICAL = "blind response identical to chosen; row left out"
+
+
+def blind_shards(input_location: str | Path, out_dir: str | Path, vlm, processor: VLMProcessor, *,
+                 model_path: str | Path, settings: dict[str, Any] | None = None, form: str = "field",
+                 prompt_source: str = "prompt", batch_size: int = 8, max_new_tokens: int = 256,
+                 chunk_size: int = 1000, on_error: str = "raise", stop_after: int | None = None,
+                 progress: bool = True) -> "RunSummary":
+    """Generate every input sample's blind response with `vlm` (loaded from `model_path`) into shards.
+
+    `form="field"` sets `blind`; `"rows"` writes BPO's extra rows and leaves out (as skipped rows) those
+    whose blind response equals `chosen`. Resumable through `run_chunked`, keyed on the model's content.
+    """
+    if form not in BLIND_FORMS:
+        raise ValueError(f"unknown form {form!r}; choose one of {BLIND_FORMS}")
+
+    def process(items: list[tuple[int, Sample]]) -> ChunkResult:
+        on_sample_error, skipped = sample_error_policy(on_error)
+        samples = [sample for _, sample in items]
+        responses = generate_blind_responses(vlm, processor, samples, batch_size, max_new_tokens, prompt_source,
+                                             on_sample_error)
+        out = []
+        for sample, response in zip(samples, responses):
+            if response is None:
+                continue
+            if is_blank(response):
+                skipped.append({"id": sample.id, "field": "blind", "error": "the generated blind response is empty"})
+                continue
+            if form == "rows" and same_response(response, sample.chosen):
+                skipped.append({"id": sample.id, "field": "rejected", "error": IDENTICAL})
+                continue
+            out.append(with_blind(sample, response, form))
+        return ChunkResult(out, skipped)
+
+    settings = {**(settings or {}), "prompt_source": prompt_source, "form": form, "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens}
+    return run_chunked(input_location, out_dir, process, chunk_size=chunk_size, settings=settings, on_error=on_error,
+                       stop_after=stop_after, progress=progress, desc="blind responses", model_path=model_path)
 
 
 # ---------------------------------------------------------------------------------------- chunked runner
@@ -278,11 +393,12 @@ def skipped_row(err: SampleError) -> dict[str, str]:
 
 
 def sample_error_policy(on_error: str) -> tuple[Callable[[SampleError], None], list[dict[str, str]]]:
-    """The tools' `--on-error`: a callback that raises (`raise`) or records the sample (`skip`), and the record."""
+    """The tools' `--on-error`: a callback that raises (`raise`) or records the sample (`skip`), and the record.
+    A pair a length rule leaves out (`SampleLeftOut`) is always recorded, never fatal: training leaves it out too."""
     skipped: list[dict[str, str]] = []
 
     def on_sample_error(err: SampleError) -> None:
-        if on_error == "raise":
+        if on_error == "raise" and not isinstance(err, SampleLeftOut):
             raise err
         skipped.append(skipped_row(err))
 
@@ -304,10 +420,13 @@ def _write_tar(path: Path, samples: list[Sample], keys: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def _load_progress(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+def _load_progress(out: Path, settings: dict[str, Any],
+                   model_path: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Finished chunks of an earlier run with the same settings and the same model content, and the model's
+    current identity (None without `model_path`)."""
     path = out / PROGRESS_NAME
     if not path.exists():
-        return []
+        return [], model_identity(model_path) if model_path is not None else None
     try:
         payload = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -320,32 +439,46 @@ def _load_progress(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
         raise ValueError(f"{out} holds a run started with different settings ({', '.join(changed)}); use another "
                          f"--out, or delete {path} and the shards to start over")
     chunks = payload.get("chunks", [])
+    identity = None
+    if model_path is not None:
+        if payload.get("model") is None:
+            raise ValueError(f"{path} does not record which model wrote it, so resuming could mix two models' "
+                             f"outputs; delete it and the shards to start over")
+        try:
+            identity = check_model_identity(payload["model"], model_path)
+        except ValueError as err:
+            raise ValueError(f"{out}: {err}; use another --out, or delete {path} and the shards to start over") \
+                from None
     # keep the finished prefix whose shards are still there
     kept = []
     for chunk in chunks:
         if chunk.get("url") and not (out / chunk["url"]).is_file():
             break
         kept.append(chunk)
-    return kept
+    return kept, identity
 
 
-def _save_progress(out: Path, settings: dict[str, Any], chunks: list[dict[str, Any]]) -> None:
+def _save_progress(out: Path, settings: dict[str, Any], chunks: list[dict[str, Any]],
+                   model: dict[str, Any] | None = None) -> None:
     path = out / PROGRESS_NAME
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": PROGRESS_FORMAT, "settings": settings, "chunks": chunks}, indent=1))
+    tmp.write_text(json.dumps({"format": PROGRESS_FORMAT, "settings": settings, "model": model, "chunks": chunks},
+                              indent=1))
     os.replace(tmp, path)
 
 
 def run_chunked(input_location: str | Path, out_dir: str | Path,
                 process: Callable[[list[tuple[int, Sample]]], ChunkResult], *, chunk_size: int = 1000,
                 settings: dict[str, Any] | None = None, on_error: str = "raise", stop_after: int | None = None,
-                progress: bool = True, desc: str = "samples", prefix: str = "shard") -> RunSummary:
+                progress: bool = True, desc: str = "samples", prefix: str = "shard",
+                model_path: str | Path | None = None) -> RunSummary:
     """Map `process` over `input_location`'s samples, `chunk_size` input samples at a time, into shards.
 
     Output shard k holds what `process` made of input positions `[k * chunk_size, (k + 1) * chunk_size)`
     (fewer samples when some were skipped; no shard at all when every one was). Each shard is written
     under a temporary name and renamed, then `progress.json` records the chunk; a re-run with the same
-    `settings` keeps finished shards untouched and continues after them. `stop_after=N` stops after N
+    `settings` and the same `model_path` content (`check_model_identity`) keeps finished shards untouched and
+    continues after them; a changed model stops with `ValueError`. `stop_after=N` stops after N
     chunks of this run as if interrupted. `index.json` is written once every chunk is done.
     Unreadable input records raise (`on_error="raise"`) or are recorded as skipped (`"skip"`).
     """
@@ -363,7 +496,7 @@ def run_chunked(input_location: str | Path, out_dir: str | Path,
     settings = json.loads(json.dumps({**(settings or {}), "chunk_size": chunk_size,
                                       "input_counts": [s.count for s in input_index.shards]}))
     out.mkdir(parents=True, exist_ok=True)
-    chunks = _load_progress(out, settings)
+    chunks, model = _load_progress(out, settings, model_path)
     done = chunks[-1]["end"] if chunks else 0
     total = input_index.total
     summary = RunSummary(resumed_chunks=len(chunks), out_dir=str(out))
@@ -408,7 +541,7 @@ def run_chunked(input_location: str | Path, out_dir: str | Path,
             keys = [f"{start:09d}-{i:06d}" for i in range(len(result.samples))]
             _write_tar(out / name, result.samples, keys)
         chunks.append({"start": start, "end": end, "url": name, "count": len(result.samples), "skipped": skipped})
-        _save_progress(out, settings, chunks)
+        _save_progress(out, settings, chunks, model)
         summary.new_chunks += 1
         if bar is not None:
             bar.update(end - start)

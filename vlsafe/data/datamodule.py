@@ -19,10 +19,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlsafe.data.plan import PlannedSource, ReadPiece, padded_worker_quota, plan_epoch, slot_sizes
-from vlsafe.data.schema import Sample, SampleError
+from vlsafe.data.grouping import group_by_modality_length
+from vlsafe.data.plan import (PADDING_WARN_FRACTION, PlannedSource, ReadPiece, SlotPlan, check_source_amounts,
+                              padded_worker_quota, padding_report, plan_epoch, slot_sizes)
+from vlsafe.data.schema import Sample, SampleError, SampleLeftOut
 from vlsafe.data.shards import iter_shard, load_index
-from vlsafe.ops.workers import ShardTracker
+from vlsafe.ops.workers import DEFAULT_WORKER_TIMEOUT, ShardTracker, start_workers, worker_loader_options
 
 log = logging.getLogger(__name__)
 STAGES = ("fit", "validate", "test", "predict")
@@ -50,8 +52,7 @@ class Source:
     name: str | None = None
 
     def planned(self) -> PlannedSource:
-        if self.weight < 0 or (self.num_samples is not None and self.num_samples < 0):
-            raise ValueError(f"source {self.path}: weight and num_samples must be >= 0")
+        check_source_amounts(self.path, self.weight, self.num_samples)
         index = load_index(self.path)
         return PlannedSource(self.name or self.path, tuple(index.shards), self.weight, self.num_samples)
 
@@ -76,12 +77,16 @@ class ShardStream(IterableDataset):
 
     def __init__(self, sources: list[PlannedSource], encoder: SampleEncoder, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = False,
-                 shuffle_buffer: int = 0, pad_to_equal: bool = False, on_error: str = "raise"):
+                 shuffle_buffer: int = 0, pad_to_equal: bool = False, on_error: str = "raise",
+                 group_by_modality_length: bool = False):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        total = sum(s.allotment for s in sources) if sources else 0
-        if total == 0:
+        if not sources:
             raise ValueError("the shard list is empty: no samples to read")
+        total = sum(s.allotment for s in sources)
+        if total == 0:
+            raise ValueError("no source contributes a sample to the epoch (every weight or num_samples is 0): "
+                             + "; ".join(_describe_amount(s) for s in sources))
         if pad_to_equal and total < world_size * max(1, num_workers):
             raise ValueError(f"{total} training sample(s) cannot be split over {world_size} rank(s) x "
                              f"{max(1, num_workers)} dataloader worker(s); use fewer workers or more data")
@@ -95,9 +100,16 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.pad_to_equal = pad_to_equal
         self.on_error = on_error
+        self.group_by_modality_length = group_by_modality_length
         self.epoch = 0
         self.skip_batches = 0
         self.tracker: ShardTracker | None = None  # set by the loader: names the shard if a worker dies
+        if pad_to_equal and rank == 0:
+            repeated, planned, why = padding_report(sources, world_size=world_size, num_workers=self.num_workers,
+                                                    batch_size=batch_size)
+            if repeated > PADDING_WARN_FRACTION * planned:
+                log.warning("padding repeats more than %.0f%% of the training epoch: %s",
+                            100 * PADDING_WARN_FRACTION, why)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -106,7 +118,10 @@ class ShardStream(IterableDataset):
         """Position the next iteration: `batches_done` batches of `epoch` were already trained on.
 
         The DataLoader hands out worker batches round-robin, so worker w skips its share of them; skipped
-        samples are read (the shuffle must replay identically) but not decoded or tokenised.
+        samples are read (the shuffle must replay identically) but not decoded or tokenised. In training every
+        planned sample fills exactly one place of its worker's batches (one that fails to encode under
+        `on_error: skip` is replaced by a padding sample, see `_quota_items`), so `batches * batch_size` read
+        samples is the exact position even when samples were skipped.
         """
         self.epoch = epoch
         self.skip_batches = batches_done
@@ -131,13 +146,13 @@ class ShardStream(IterableDataset):
         return sum(self._worker_sizes())
 
     # ------------------------------------------------------------------ iteration
-    def _pieces(self, worker: int) -> list[ReadPiece]:
+    def _slot_plan(self, worker: int) -> SlotPlan:
         plan = plan_epoch(self.sources, epoch=self.epoch, seed=self.seed,
                           num_slots=self.world_size * self.num_workers, shuffle=self.shuffle)
         return plan[self.rank * self.num_workers + worker]
 
     def _skip(self, err: SampleError) -> None:
-        if self.on_error == "raise":
+        if self.on_error == "raise" and not isinstance(err, SampleLeftOut):  # left out by rule: counted, never fatal
             raise err
         self._skipped += 1
         self._pending_skips.append(skip_row(err))
@@ -151,27 +166,51 @@ class ShardStream(IterableDataset):
         self._pending_skips.extend([{"id": "?", "field": "shard", "error": str(err), "where": url}] * missing)
         log.error("skipping the %d unread planned sample(s) of shard %s: %s", missing, url, err)
 
-    def _raw_samples(self, pieces: list[ReadPiece]) -> Iterator[Sample]:
+    def _planned_reads(self, pieces: tuple[ReadPiece, ...]) -> Iterator[Sample | None]:
+        """One item per planned read, in order: the sample, or None for one that could not be read (skipped
+        under on_error='skip'), so a slot's interleave schedule stays aligned with its streams."""
         for piece in pieces:
             if self.tracker is not None:
                 self.tracker.reading(piece.url)
             wanted = set(piece.positions)
-            produced = 0
+            produced = failed = 0
 
             def count_error(err: SampleError) -> None:
-                nonlocal produced
-                produced += 1
+                nonlocal failed
+                failed += 1
                 self._skip(err)
 
             try:
                 for _, sample in iter_shard(piece.url, keep=wanted.__contains__, on_sample_error=count_error):
-                    produced += 1
+                    for _ in range(failed):
+                        yield None
+                    produced, failed = produced + failed + 1, 0
                     yield sample
+                    if produced == len(piece.positions):
+                        break  # the piece's last position: the rest of the shard belongs to other slots
+                for _ in range(failed):
+                    yield None
+                produced, failed = produced + failed, 0
                 if produced != len(piece.positions):
                     raise IOError(f"shard {piece.url} yielded {produced} of the {len(piece.positions)} planned "
                                   f"samples; it is shorter than its index says (truncated or replaced?)")
             except OSError as err:
-                self._skip_shard_rest(piece.url, len(piece.positions) - produced, err)
+                produced, missing = produced + failed, len(piece.positions) - produced - failed
+                for _ in range(failed):
+                    yield None
+                self._skip_shard_rest(piece.url, missing, err)
+                for _ in range(missing):
+                    yield None
+
+    def _raw_samples(self, plan: SlotPlan) -> Iterator[Sample]:
+        """The slot's samples in its interleave order: one open reader per source, advanced as scheduled."""
+        readers = [self._planned_reads(stream) for stream in plan.streams]
+        for i in plan.schedule():
+            sample = next(readers[i], _EXHAUSTED)
+            if sample is _EXHAUSTED:
+                raise RuntimeError(f"slot plan out of step: source {plan.streams[i][0].source} ran out of reads")
+            if sample is not None:
+                yield sample
 
     def _shuffled(self, samples: Iterator[Sample], rng: random.Random) -> Iterator[Sample]:
         if not self.shuffle or self.shuffle_buffer <= 1:
@@ -186,13 +225,27 @@ class ShardStream(IterableDataset):
         yield from buffer
 
     def _encoded(self, samples: Iterator[Sample]) -> Iterator[dict[str, Any]]:
+        """Encoded samples; one that fails is skipped (on_error='skip') and leaves no gap (evaluation)."""
         for sample in samples:
-            if self.tracker is not None:
-                self.tracker.encoding(sample.id)
-            try:
-                yield self.encoder.encode(sample)
-            except SampleError as err:
-                self._skip(err)
+            item = self._encode_or_skip(sample)
+            if item is not _FAILED:
+                yield item
+
+    def _encode_or_skip(self, sample: Sample) -> Any:
+        if self.tracker is not None:
+            self.tracker.encoding(sample.id)
+        try:
+            return self.encoder.encode(sample)
+        except SampleError as err:
+            self._skip(err)
+            return _FAILED
+
+    def _ordered(self, samples: Iterator[Sample], rng: random.Random) -> Iterator[Sample]:
+        """Shuffle buffer, then (opt-in) LLaVA's modality/length grouping over `world_size * batch_size`."""
+        samples = self._shuffled(samples, rng)
+        if self.group_by_modality_length:
+            samples = group_by_modality_length(samples, self.world_size * self.batch_size)
+        return samples
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -205,23 +258,52 @@ class ShardStream(IterableDataset):
         self._skipped = 0
         self._pending_skips: list[dict[str, str]] = []
         rng = random.Random(f"shuffle-{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        raw = self._shuffled(self._raw_samples(self._pieces(worker)), rng)
+        raw = self._ordered(self._raw_samples(self._slot_plan(worker)), rng)
         head = list(itertools.islice(raw, self.batch_size))  # kept to pad the epoch with, if needed
         stream: Iterator[Sample] = itertools.chain(head, raw)
         skipped = max(0, math.ceil((self.skip_batches - worker) / self.num_workers)) * self.batch_size
         if skipped:
             stream = itertools.islice(stream, skipped, None)
-        quota = self._quota() if self.pad_to_equal else None
-        yield from self._batches(self._encoded(stream), quota, skipped, lambda: list(self._encoded(iter(head))))
+        if self.pad_to_equal:
+            pool = _PaddingPool(head, self._quiet_encode, lambda: self._first_usable(worker), self.batch_size)
+            yield from self._batches(self._quota_items(stream, skipped, pool))
+        else:
+            yield from self._batches(self._encoded(stream))
 
-    def _batches(self, items: Iterator[dict[str, Any]], quota: int | None, already: int,
-                 padding: Callable[[], list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-        """Full batches; with a quota, stop at it or top up to it by repeating the worker's first samples
-        (so every DDP rank runs the same number of steps)."""
-        if quota is not None:
-            budget = max(0, quota - already)  # samples this worker still owes the epoch
-            counted = _Counted(itertools.islice(items, budget), keep=self.batch_size)
-            items = itertools.chain(counted, _padding(counted, budget, padding))
+    def _quiet_encode(self, sample: Sample) -> Any:
+        """Encode for the padding pool: a failure there is reported where the sample itself is trained."""
+        try:
+            return self.encoder.encode(sample)
+        except SampleError:
+            return _FAILED
+
+    def _first_usable(self, worker: int) -> list[Any]:
+        """The first `batch_size` samples of the worker's epoch that encode, read afresh (only needed when none
+        of the first `batch_size` do); skips met on the way are not reported twice."""
+        skipped, pending = self._skipped, list(self._pending_skips)
+        try:
+            rng = random.Random(f"shuffle-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+            encoded = map(self._quiet_encode, self._ordered(self._raw_samples(self._slot_plan(worker)), rng))
+            return list(itertools.islice((x for x in encoded if x is not _FAILED), self.batch_size))
+        finally:
+            self._skipped, self._pending_skips = skipped, pending
+
+    def _quota_items(self, samples: Iterator[Sample], position: int, pool: "_PaddingPool") -> Iterator[Any]:
+        """Exactly `quota - position` items: each read sample in its own place (one that fails to encode under
+        on_error='skip' gives its place to a padding sample, so the position stays `batches * batch_size`), then
+        padding up to the quota, so every worker and DDP rank runs the same number of full batches."""
+        quota = self._quota()
+        for sample in samples:
+            if position >= quota:
+                break
+            item = self._encode_or_skip(sample)
+            yield pool.item(position) if item is _FAILED else item
+            position += 1
+        for extra in range(quota - position):  # the same repeats whether or not the run resumed
+            yield pool.item(extra)
+
+    def _batches(self, items: Iterator[Any]) -> Iterator[dict[str, Any]]:
+        """Collated batches of `batch_size` (the last may be short outside training)."""
         batch: list[dict[str, Any]] = []
         full: list[dict[str, Any]] | None = None  # held until the next item is read, so skips met while
         for item in items:                         # reading it (e.g. at the very end) ride on this batch
@@ -282,31 +364,33 @@ class SkipReport:
         return "\n".join(lines)
 
 
-class _Counted:
-    """Iterator wrapper that counts the items going through and keeps the first `keep` of them."""
-
-    def __init__(self, items: Iterator[Any], keep: int):
-        self.items, self.count, self.keep, self.first = items, 0, keep, []
-
-    def __iter__(self) -> Iterator[Any]:
-        for item in self.items:
-            self.count += 1
-            if len(self.first) < self.keep:
-                self.first.append(item)
-            yield item
+_FAILED = object()  # an encode that failed under on_error='skip'
+_EXHAUSTED = object()
 
 
-def _padding(counted: _Counted, needed: int, head: Callable[[], list[Any]]) -> Iterator[Any]:
-    """After `counted` is exhausted, repeat the epoch's first samples (`head()`, the same whether or not the
-    run resumed mid-epoch; or, if none of those encode, the first items that did) until `needed` items."""
-    missing = needed - counted.count
-    if missing <= 0:
-        return
-    samples = head() or counted.first
-    if not samples:
-        raise RuntimeError("this dataloader worker has no usable samples to pad its epoch with")
-    for i in range(missing):
-        yield samples[i % len(samples)]
+def _describe_amount(source: PlannedSource) -> str:
+    if source.num_samples is not None:
+        return f"{source.name}: num_samples {source.num_samples}"
+    return f"{source.name}: weight {source.weight:g} x {source.size} sample(s)"
+
+
+class _PaddingPool:
+    """The samples a training worker repeats: to top its epoch up to whole, equal batches, and in the place of
+    a sample that fails to encode. They are the epoch's first `batch_size` samples that encode (looked for
+    further only if none of the first `batch_size` do), the same whether or not the run resumed mid-epoch; a
+    failed sample at place `p` of the worker's epoch is always replaced by the same one."""
+
+    def __init__(self, head: list[Sample], encode: Callable[[Sample], Any], first_usable: Callable[[], list[Any]],
+                 size: int):
+        self.head, self.encode, self.first_usable, self.size = head, encode, first_usable, size
+        self.items: list[Any] | None = None
+
+    def item(self, position: int) -> Any:
+        if self.items is None:
+            self.items = [x for x in map(self.encode, self.head) if x is not _FAILED] or self.first_usable()
+            if not self.items:
+                raise RuntimeError("this dataloader worker has no usable samples to pad its epoch with")
+        return self.items[position % len(self.items)]
 
 
 class EpochAwareLoader(DataLoader):
@@ -319,7 +403,7 @@ class EpochAwareLoader(DataLoader):
 
     def __iter__(self):
         self.dataset.resume_at(*self._position_fn())
-        return super().__iter__()
+        return start_workers(super().__iter__, self.timeout, self.dataset.tracker)  # signals, stuck workers
 
     # Lightning treats loaders with these two methods as resumable (and then does not warn that a mid-epoch
     # resume replays data). The position itself comes from the trainer's progress counters, so the state
@@ -334,21 +418,27 @@ class EpochAwareLoader(DataLoader):
 
 class ShardDataModule(L.LightningDataModule):
     """Shards in, batches out. `train`/`val`/`test`/`predict` take a shard directory or a list of
-    `Source`s (weighted mixing); the attached LightningModule supplies the encoder."""
+    `Source`s (weighted mixing); the attached LightningModule supplies the encoder.
+
+    `group_by_modality_length` (training only, off by default) is LLaVA's grouped batching: single-modality
+    batches of similar length, per dataloader worker (`vlsafe.data.grouping`); LLaVA-1.5's recipes turn it on."""
 
     def __init__(self, train: str | list[Source] | None = None, val: str | list[Source] | None = None,
                  test: str | list[Source] | None = None, predict: str | list[Source] | None = None,
                  batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 2,
-                 shuffle_buffer: int = 1000, seed: int = 0, on_error: str = "raise"):
+                 shuffle_buffer: int = 1000, seed: int = 0, on_error: str = "raise",
+                 group_by_modality_length: bool = False, worker_timeout: float = DEFAULT_WORKER_TIMEOUT):
         super().__init__()
         self.sources = {"fit": as_sources(train), "validate": as_sources(val), "test": as_sources(test),
                         "predict": as_sources(predict)}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.worker_timeout = worker_timeout  # seconds without a batch before WorkerTimeoutError; 0 = forever
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.on_error = on_error
+        self.group_by_modality_length = group_by_modality_length
         self._encoders: dict[str, SampleEncoder] = {}
         self._normalize_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by _shipping_encoder
         self._rank: tuple[int, int] | None = None
@@ -438,7 +528,8 @@ class ShardDataModule(L.LightningDataModule):
         return ShardStream([s.planned() for s in sources], self._shipping_encoder(stage),
                            batch_size=self.batch_size if training else self.eval_batch_size, rank=rank,
                            world_size=world_size, num_workers=self.num_workers, seed=self.seed, shuffle=training,
-                           shuffle_buffer=self.shuffle_buffer, pad_to_equal=training, on_error=self.on_error)
+                           shuffle_buffer=self.shuffle_buffer, pad_to_equal=training, on_error=self.on_error,
+                           group_by_modality_length=training and self.group_by_modality_length)
 
     def _loader(self, stage: str) -> DataLoader:
         position = self._position if stage == "fit" else (lambda: (self._position()[0], 0))
@@ -448,7 +539,8 @@ class ShardDataModule(L.LightningDataModule):
         # A private generator: worker seeds never draw from the global RNG, so a new epoch or a validation
         # run does not shift the dropout stream of training (exact resume, see vlsafe.ops.rng).
         return EpochAwareLoader(stream, position, num_workers=self.num_workers, persistent_workers=False,
-                                generator=torch.Generator().manual_seed(self.seed))
+                                generator=torch.Generator().manual_seed(self.seed),
+                                **worker_loader_options(self.num_workers, self.worker_timeout))
 
     def on_exception(self, exception: BaseException) -> None:
         """A dataloader worker died or timed out: name the shard it was reading (vlsafe.ops.workers)."""

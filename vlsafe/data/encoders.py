@@ -97,7 +97,10 @@ class PreferenceEncoder(ImageEncoding):
     """
 
     def __init__(self, processor: VLMProcessor, responses: tuple[str, ...] = ("chosen", "rejected"),
-                 require_reference: bool = False, average_logprob: bool = False):
+                 require_reference: bool = False, average_logprob: bool = False,
+                 response_format: str = "released", length_rule: str = "released"):
+        from vlsafe.data.preference_encoding import LENGTH_RULES, RESPONSE_FORMATS, check_choice
+
         unknown = set(responses) - set(PREFERENCE_RESPONSES)
         if unknown or responses[:2] != ("chosen", "rejected"):
             raise ValueError(f"responses must start with ('chosen', 'rejected') and use {PREFERENCE_RESPONSES}")
@@ -105,35 +108,31 @@ class PreferenceEncoder(ImageEncoding):
         self.responses = tuple(responses)
         self.require_reference = require_reference
         self.average_logprob = average_logprob
+        # which tokens are scored and what a too-long pair becomes: vlsafe/data/preference_encoding.py
+        self.response_format = check_choice("response_format", response_format, RESPONSE_FORMATS)
+        self.length_rule = check_choice("length_rule", length_rule, LENGTH_RULES)
 
     def encode(self, sample: Sample) -> dict[str, Any]:
-        from vlsafe.core.vlm import IGNORE_INDEX
-        from vlsafe.data.schema import SampleError
+        from vlsafe.data.preference_encoding import encode_pair
+        from vlsafe.data.schema import SampleError, is_blank
 
         messages, _ = split_reference(sample)
         texts = {}
         for name in self.responses:
             text = getattr(sample, name)
-            if text is None or not text.strip():
+            if text is None or is_blank(text):
                 raise SampleError(sample.id, name, "is missing; preference training needs it")
             texts[name] = text
         if texts["chosen"].strip() == texts["rejected"].strip():
             raise SampleError(sample.id, "rejected", "is identical to chosen; the pair carries no preference")
-        prompt_length = len(self.processor.encode_prompt(messages, sample.id).input_ids)
-        sequences = {}
-        for name, text in texts.items():
-            encoded = self.processor.encode_conversation(messages + [{"role": "assistant", "content": text}],
-                                                         sample.id)
-            labels = [IGNORE_INDEX] * prompt_length + encoded.labels[prompt_length:]
-            if all(label == IGNORE_INDEX for label in labels):
-                raise SampleError(sample.id, name, f"no response tokens left within max_length="
-                                                   f"{self.processor.max_length}")
-            sequences[name] = (encoded.input_ids, labels)
+        self.processor.check_text_lengths(messages + [{"role": "assistant", "content": t} for t in texts.values()],
+                                          sample.id)
+        pair = encode_pair(self.processor, messages, texts, sample.id, self.response_format, self.length_rule)
         reference = {name: sample.labels.get(f"ref_logp_{name}") for name in self.responses}
         if self.require_reference:
             self._check_reference(sample, reference)
-        return {"id": sample.id, "sequences": sequences, "reference": reference, "meta": sample.meta,
-                "pixel_values": self.pixels(sample)}
+        return {"id": sample.id, "sequences": pair.sequences, "truncated": pair.truncated, "reference": reference,
+                "meta": sample.meta, "pixel_values": self.pixels(sample)}
 
     def _check_reference(self, sample: Sample, reference: dict[str, float | None]) -> None:
         from vlsafe.data.schema import SampleError
@@ -142,11 +141,17 @@ class PreferenceEncoder(ImageEncoding):
             if value is None:
                 raise SampleError(sample.id, f"labels.ref_logp_{name}", "is missing; reference='precomputed' needs "
                                                                         "shards written by tools/precompute_reference.py")
-        written_with = (sample.meta.get("reference") or {}).get("average_logprob")
+        provenance = sample.meta.get("reference") or {}
+        written_with = provenance.get("average_logprob")
         if written_with is not None and bool(written_with) != self.average_logprob:
             raise SampleError(sample.id, "meta.reference.average_logprob",
                               f"reference log-probs were computed with average_logprob={written_with} but the "
                               f"module uses {self.average_logprob}")
+        for name in ("response_format", "length_rule"):  # other scored tokens -> other log-probs
+            if provenance.get(name) is not None and provenance[name] != getattr(self, name):
+                raise SampleError(sample.id, f"meta.reference.{name}",
+                                  f"reference log-probs were computed with {name}={provenance[name]!r} but the "
+                                  f"module uses {getattr(self, name)!r}")
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         ids = [item["sequences"][name][0] for name in self.responses for item in items]
@@ -155,6 +160,9 @@ class PreferenceEncoder(ImageEncoding):
         batch["pixel_values"] = stack_images(items, self.processor, self.normalize_images)
         batch["ids"] = [item["id"] for item in items]
         batch["responses"] = list(self.responses)
+        # responses the length rule cut, per name: the module reports them at the end of the run
+        batch["truncated_responses"] = {name: sum(name in item["truncated"] for item in items)
+                                        for name in self.responses}
         values = [[item["reference"][name] for item in items] for name in self.responses]
         batch["ref_logps"] = (torch.tensor(values, dtype=torch.float32)
                               if all(v is not None for row in values for v in row) else None)

@@ -26,7 +26,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from vlsafe.data.schema import SampleError
-from vlsafe.data.shards import decode_image
+from vlsafe.data.shards import RGB_MODES, decode_image
 
 PRESIZE_KEY = "vlsafe:presized"
 PPM_PREFIX = b"P6\n# " + PRESIZE_KEY.encode() + b" "  # how every pre-sized PPM starts
@@ -50,6 +50,9 @@ class Presize:
     # loading CPU of a level-0 PNG (docs/data_performance.md).
     format: str = "ppm"
     compress_level: int = 0
+    # How the decoded image became RGB (`vlsafe.data.shards.to_rgb`): "composite" (alpha on white) or "pil"
+    # (LLaVA's plain convert("RGB")); recorded only when "pil", so earlier pre-sized shards stay valid.
+    rgb_mode: str = "composite"
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -62,15 +65,18 @@ class Presize:
             raise ValueError(f"presize format must be one of {FORMATS}, got {self.format!r}")
         if self.format != "png" and self.compress_level:
             raise ValueError("a compress level applies to PNG only; use format 'png' with it")
+        if self.rgb_mode not in RGB_MODES:
+            raise ValueError(f"presize rgb_mode must be one of {RGB_MODES}, got {self.rgb_mode!r}")
 
     @classmethod
     def for_processor(cls, processor) -> "Presize":
         """The settings a `VLMProcessor` applies, so shards can be pre-sized for exactly that model."""
-        return cls(processor.image_size, mean_fill(processor.image_mean), bool(processor.pad_to_square))
+        return cls(processor.image_size, processor.pad_fill, bool(processor.pad_to_square),
+                   rgb_mode=getattr(processor, "rgb_mode", "composite"))
 
     def record(self) -> dict:
         return {"size": self.size, "fill": list(self.fill), "pad_to_square": self.pad_to_square,
-                "resample": "bicubic"}
+                "resample": "bicubic", **({"rgb_mode": self.rgb_mode} if self.rgb_mode != "composite" else {})}
 
 
 def square_image(image: Image.Image, size: int, fill: tuple[int, int, int], pad_to_square: bool = True) -> Image.Image:
@@ -90,8 +96,8 @@ def presize_image(data: bytes, presize: Presize, sample_id: str, field_name: str
 
     Decoding goes through `decode_image(max_side=size)`, as the processor does at load time, so huge or
     elongated images are reduced the same way on both paths."""
-    image = square_image(decode_image(data, sample_id, field_name, max_side=presize.size), presize.size,
-                         presize.fill, presize.pad_to_square)
+    decoded = decode_image(data, sample_id, field_name, max_side=presize.size, rgb_mode=presize.rgb_mode)
+    image = square_image(decoded, presize.size, presize.fill, presize.pad_to_square)
     record = json.dumps(presize.record(), sort_keys=True)
     if presize.format == "ppm":
         header = PPM_PREFIX + record.encode() + f"\n{image.width} {image.height}\n255\n".encode()
@@ -155,16 +161,18 @@ def refuse_mismatch(record: dict, size: tuple[int, int], expected: Presize, samp
 
 
 def presize_from_args(size: int | None, mean: list[float] | None = None, squash: bool = False,
-                      compress_level: int | None = None, fmt: str | None = None) -> Presize | None:
+                      compress_level: int | None = None, fmt: str | None = None,
+                      rgb_mode: str | None = None) -> Presize | None:
     """`make_shards` flags -> a `Presize` (None when --presize is not given)."""
     if size is None:
-        if mean is not None or squash or compress_level is not None or fmt is not None:
-            raise ValueError("--presize-mean, --presize-squash, --presize-format and --presize-compress-level "
-                             "need --presize SIDE")
+        if mean is not None or squash or compress_level is not None or fmt is not None or rgb_mode is not None:
+            raise ValueError("--presize-mean, --presize-squash, --presize-format, --presize-compress-level and "
+                             "--presize-rgb-mode need --presize SIDE")
         return None
     from vlsafe.data.processor import OPENAI_CLIP_MEAN  # the processor's default normalisation
 
     if compress_level is not None and fmt is None:
         fmt = "png"  # a deflate level only means something for PNG
     storage = {"format": fmt or "ppm", **({} if compress_level is None else {"compress_level": compress_level})}
-    return Presize(size, mean_fill(tuple(mean) if mean else OPENAI_CLIP_MEAN), not squash, **storage)
+    return Presize(size, mean_fill(tuple(mean) if mean else OPENAI_CLIP_MEAN), not squash, **storage,
+                   rgb_mode=rgb_mode or "composite")

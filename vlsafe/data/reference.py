@@ -34,19 +34,21 @@ def check_responses(responses: Sequence[str]) -> tuple[str, ...]:
 @torch.no_grad()
 def reference_logps(vlm, processor: VLMProcessor, samples: Sequence[Sample],
                     responses: Sequence[str] = ("chosen", "rejected"), batch_size: int = 8, average: bool = False,
-                    on_sample_error: Callable[[SampleError], None] | None = None) -> list[dict[str, float] | None]:
+                    on_sample_error: Callable[[SampleError], None] | None = None, response_format: str = "released",
+                    length_rule: str = "released") -> list[dict[str, float] | None]:
     """`{"ref_logp_chosen": ..., "ref_logp_rejected": ...[, "ref_logp_blind": ...]}` per sample, in order.
 
     Log-probs are sums over the response tokens (means with `average=True`, which must match the training
-    run's `average_logprob`). A sample the encoder rejects raises `SampleError`, or, with
-    `on_sample_error`, is reported there and gets `None`.
+    run's `average_logprob`); `response_format` and `length_rule` must match it too (they decide which tokens
+    are scored). A sample the encoder rejects raises `SampleError`, or, with `on_sample_error`, is reported
+    there and gets `None` (so does a pair the length rule leaves out).
     """
     from vlsafe.methods.preference import batch_reference_logps
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     responses = check_responses(responses)
-    encoder = PreferenceEncoder(processor, responses)
+    encoder = PreferenceEncoder(processor, responses, response_format=response_format, length_rule=length_rule)
     device = next(vlm.parameters()).device
     encoded: list[dict | None] = []
     for sample in samples:

@@ -6,16 +6,29 @@ BPO shard and a RefCOCO shard all flow through the same writer, reader and valid
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import re
+import sys
+import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
 # Boxes may overshoot the image by this many pixels (float rounding in released annotations, e.g. COCO's
 # x + w); beyond it a box is refused as lying outside the image.
 BOX_TOLERANCE = 1.0
+# Text fields longer than this many characters are refused before tokenising (`VLMProcessor(max_text_chars=)`,
+# env `VLSAFE_MAX_TEXT_CHARS`). 100,000 characters are ~25,000 tokens of English, 12x the longest max_length of
+# the recipes (2048), and took 1.7 s to tokenise with the tests' 300-entry BPE (92,699 tokens); the 24 MB field
+# that motivated the cap took 70 s and 7.2 GB of RAM in one loader worker before the length check refused it.
+DEFAULT_MAX_TEXT_CHARS = 100_000
+# Letters that render as nothing (Hangul fillers, braille blank); with whitespace and the format characters
+# (Unicode category Cf: zero-width spaces and joiners, BOM, bidi marks, soft hyphen) they make a text blank.
+_INVISIBLE_LETTERS = "\u115f\u1160\u3164\uffa0\u2800"
 
 
 class SampleError(ValueError):
@@ -28,6 +41,47 @@ class SampleError(ValueError):
         self.where = where
         prefix = f"{where}: " if where else ""
         super().__init__(f"{prefix}sample {sample_id!r}, field {field_name!r}: {problem}")
+
+
+class SampleLeftOut(SampleError):
+    """A sample a method's data rule leaves out on purpose (e.g. MMSafe-PO drops a pair whose chosen response
+    is over the length limit). Not an error: the data pipeline counts and reports it whatever `on_error` says,
+    so a long run never stops on it."""
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: only whitespace, zero-width/format characters (U+200B, U+FEFF, ...) or
+    invisible fillers. An answer of zero-width spaces is no answer, so every "non-empty" check uses this."""
+    stripped = text.strip()
+    if not stripped:
+        return True
+    first = stripped[0]
+    if unicodedata.category(first) != "Cf" and first not in _INVISIBLE_LETTERS:
+        return False  # the common case: decided by the first visible character, whatever the length
+    return _visible_character().search(stripped) is None
+
+
+@functools.lru_cache(maxsize=1)
+def _visible_character() -> re.Pattern:
+    invisible = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"]
+    return re.compile("[^\\s" + "".join(re.escape(c) for c in invisible + list(_INVISIBLE_LETTERS)) + "]")
+
+
+def default_max_text_chars() -> int:
+    """The per-field character cap (env `VLSAFE_MAX_TEXT_CHARS`, default 100,000)."""
+    value = os.environ.get("VLSAFE_MAX_TEXT_CHARS")
+    return int(value) if value else DEFAULT_MAX_TEXT_CHARS
+
+
+def check_text_length(text: str, limit: int | None, sample_id: str, field_name: str) -> None:
+    """Refuse a text longer than `limit` characters before any tokenizer sees it (None: no limit).
+
+    Tokenising is linear in the text but costly per character (a 24 MB field: 70 s and 7.2 GB in one worker)
+    and the result is refused or truncated anyway, so the check comes first and takes microseconds."""
+    if limit is not None and len(text) > limit:
+        raise SampleError(sample_id, field_name, f"is {len(text):,} characters long, over max_text_chars={limit:,}; "
+                                                 f"refused before tokenising (raise the cap with max_text_chars or "
+                                                 f"VLSAFE_MAX_TEXT_CHARS if such long texts are intended)")
 
 
 @dataclass
@@ -67,8 +121,8 @@ class Sample:
         def fail(field_name: str, problem: str) -> None:
             raise SampleError(str(self.id), field_name, problem, where)
 
-        if not isinstance(self.id, str) or not self.id:
-            fail("id", "must be a non-empty string")
+        if not isinstance(self.id, str) or is_blank(self.id):
+            fail("id", "must be a non-empty string (not only whitespace or zero-width characters)")
         if not isinstance(self.messages, list) or not self.messages:
             fail("messages", "must be a non-empty list of {role, content}")
         for i, message in enumerate(self.messages):
@@ -78,8 +132,8 @@ class Sample:
                 fail(f"messages[{i}].role", f"{message['role']!r:.60} is not one of {ROLES}")
             if not isinstance(message["content"], str):
                 fail(f"messages[{i}].content", "must be a string")
-            if message["role"] == "assistant" and not message["content"].strip():
-                fail(f"messages[{i}].content", "assistant turn is empty")
+            if message["role"] == "assistant" and is_blank(message["content"]):
+                fail(f"messages[{i}].content", "assistant turn is empty (or only whitespace/zero-width characters)")
         if not isinstance(self.images, list) or not all(isinstance(im, (bytes, bytearray, str)) for im in self.images):
             fail("images", "must be a list of encoded image bytes or file paths")
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in self.messages)
@@ -88,8 +142,8 @@ class Sample:
                              f"{len(self.images)} image(s)")
         for name in ("chosen", "rejected", "blind"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                fail(name, "must be a non-empty string when given")
+            if value is not None and (not isinstance(value, str) or is_blank(value)):
+                fail(name, "must be a non-empty string when given (not only whitespace or zero-width characters)")
             if isinstance(value, str) and IMAGE_PLACEHOLDER in value:
                 # A placeholder in a response would add image slots that no image fills.
                 fail(name, f"a response must not contain {IMAGE_PLACEHOLDER}")
@@ -136,6 +190,15 @@ class Sample:
                 raise SampleError(self.id, f"masks[{i}]", f"is {size[0]}x{size[1]} but the image is "
                                                           f"{width}x{height}", where)
         return self
+
+    def text_fields(self) -> Iterator[tuple[str, str]]:
+        """(field name, text) for every text a model reads: message contents and the responses."""
+        for i, message in enumerate(self.messages if isinstance(self.messages, list) else []):
+            if isinstance(message, dict) and isinstance(message.get("content"), str):  # also before validate()
+                yield f"messages[{i}].content", message["content"]
+        for name in ("chosen", "rejected", "blind"):
+            if isinstance(getattr(self, name), str):
+                yield name, getattr(self, name)
 
     @property
     def is_conversation_complete(self) -> bool:

@@ -15,6 +15,9 @@ import logging
 import os
 import posixpath
 import re
+import shutil
+import socket
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
     from vlsafe.data.images_presize import Presize
 
 log = logging.getLogger(__name__)
+#: Shard writers stage into `<out>/.staging-<host>-<pid>-<random>` (see `write_shards`).
+STAGING_PREFIX = ".staging-"
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "vlsafe-shards/1"
@@ -151,10 +156,29 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default: ~0.25 GB as 24-bit RGB
 LARGE_IMAGE_PIXELS = 4096 * 4096
 
 
+_PIXEL_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_pixel_count(value: str, name: str = "VLSAFE_MAX_IMAGE_PIXELS") -> int:
+    """`89478485`, `89_478_485`, `89,478,485`, `50M`, `1.5G`, `500k` -> pixels; anything else names `name`."""
+    text = value.strip().lower().replace("_", "").replace(",", "")
+    suffix = text[-1:] if text[-1:] in _PIXEL_SUFFIXES else ""
+    number = text[:-1] if suffix else text
+    try:
+        pixels = int(float(number) * _PIXEL_SUFFIXES[suffix]) if number else -1
+    except (ValueError, OverflowError):  # not a number, nan, inf
+        pixels = -1
+    if pixels < 1:
+        raise ValueError(f"{name}={value!r} is not a pixel count; use a positive whole number (89478485, "
+                         f"89_478_485) or one with a k/M/G suffix (50M = 50,000,000 pixels)")
+    return pixels
+
+
 def max_image_pixels() -> int:
-    """The decompression-bomb limit in pixels (env `VLSAFE_MAX_IMAGE_PIXELS`, default PIL's 89,478,485)."""
+    """The decompression-bomb limit in pixels (env `VLSAFE_MAX_IMAGE_PIXELS`, e.g. `200000000` or `200M`;
+    default PIL's 89,478,485)."""
     value = os.environ.get("VLSAFE_MAX_IMAGE_PIXELS")
-    limit = int(value) if value else DEFAULT_MAX_IMAGE_PIXELS
+    limit = parse_pixel_count(value) if value else DEFAULT_MAX_IMAGE_PIXELS
     if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = limit  # PIL's own (2x) check must not be stricter than the one asked for
     return limit
@@ -231,23 +255,34 @@ def image_header_size(data: bytes, sample_id: str, field_name: str) -> tuple[int
 
 
 def decode_image(data: bytes, sample_id: str = "?", field_name: str = "images",
-                 max_side: int | None = None) -> Image.Image:
+                 max_side: int | None = None, rgb_mode: str = "composite") -> Image.Image:
     """Decode encoded bytes to an RGB PIL image (alpha is composited on white, palettes expanded, 16-bit and
-    float greyscale rescaled to 8 bits).
+    float greyscale rescaled to 8 bits; `rgb_mode="pil"`: LLaVA's plain `convert('RGB')`, see `to_rgb`).
 
     With `max_side` (the model's input side), an image whose longer side exceeds 8x `max_side` is decoded
     at reduced scale (JPEG) and box-reduced to at least 4x `max_side`, so huge or extremely elongated
     images never allocate full-resolution (or padded-square) buffers, while the final bicubic resize
     still sees >= 4x the pixels it keeps (the result stays within a grey level or so of a full decode).
     """
-    img = to_rgb(open_image(data, sample_id, field_name, draft_side=4 * max_side if max_side else None))
+    img = to_rgb(open_image(data, sample_id, field_name, draft_side=4 * max_side if max_side else None), rgb_mode)
     if max_side and max(img.size) > 8 * max_side:
         img = img.reduce(max(1, max(img.size) // (4 * max_side)))
     return img
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB with the pixel values a viewer would show."""
+RGB_MODES = ("composite", "pil")
+
+
+def to_rgb(img: Image.Image, rgb_mode: str = "composite") -> Image.Image:
+    """Any PIL mode -> RGB with the pixel values a viewer would show (`rgb_mode="composite"`).
+
+    `rgb_mode="pil"` is PIL's plain `convert("RGB")`, what LLaVA's loader does (llava/train/train.py:701): alpha
+    is dropped, so a transparent pixel shows whatever colour is stored under it, and 16-bit grey is clipped.
+    The two agree on every image without alpha or high-depth grey (RGB, L, P, CMYK, 1-bit)."""
+    if rgb_mode == "pil":
+        return img.convert("RGB")
+    if rgb_mode != "composite":
+        raise ValueError(f"rgb_mode must be one of {RGB_MODES}, got {rgb_mode!r}")
     if img.mode.startswith("I") or img.mode == "F":
         img = _high_depth_to_l(img)
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
@@ -312,11 +347,119 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, max_samples:
 
     `on_error="raise"` stops at the first unusable sample with a message naming it and the field;
     `"skip"` records `{id, error}` in the index's `skipped` list and logs a summary.
+
+    The shards are written to a staging folder inside `out_dir` and moved in only when every sample is written
+    (`replace_shard_set`), so a run that fails or is interrupted leaves a shard set already in `out_dir`
+    untouched, never old `index.json` counts over new shard contents. A staging folder that a killed writer left
+    (SIGKILL, OOM: no cleanup ran) is removed, and logged, by the next write (`remove_stale_staging`).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(), dir=out))
+    started = staging.stat().st_mtime  # the file system's clock, as the other folders' times are
+    try:
+        index = _write_shard_files(samples, out, staging, max_samples, max_bytes, prefix, on_error, progress, total,
+                                   presize)
+        replace_shard_set(staging, out, index)
+        remove_stale_staging(out, older_than=started)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return index
+
+
+def _staging_prefix() -> str:
+    """`.staging-<host>-<pid>-`: the name says which process owns the folder, so a later run can tell a folder
+    left by a killed writer (SIGKILL, OOM, node loss: no `finally` ran) from one a live writer is filling."""
+    return f"{STAGING_PREFIX}{_host_tag()}-{os.getpid()}-"
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname()) or "host"
+
+
+def _staging_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) a staging folder's name records; None for a name without them."""
+    match = re.fullmatch(re.escape(STAGING_PREFIX) + r"(\w+)-(\d+)-.*", name)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path, older_than: float | None = None) -> list[str]:
+    """Remove staging folders that earlier writers left in `out`, and log each; returns their names.
+
+    Without `older_than` (before a run) only folders whose owner process on this host is dead go: nothing can be
+    filling them. With `older_than` (after a successful run, a modification time) also folders last changed
+    before then that name no owner or one on another host (whose liveness cannot be checked from here); a folder
+    of a live process on this host is always kept."""
+    host, removed = _host_tag(), []
+    for folder in sorted(out.glob(STAGING_PREFIX + "*")):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        owner = _staging_owner(folder.name)
+        if owner is not None and owner[0] == host:
+            if owner[1] == os.getpid() or _pid_alive(owner[1]):
+                continue
+            reason = f"its writer (pid {owner[1]}) is no longer running"
+        else:
+            try:
+                changed = folder.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if older_than is None or changed >= older_than:
+                continue
+            reason = "it is older than this successful write and names no live writer on this host"
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            continue  # another writer cleaned it first
+        except OSError as err:  # e.g. no permission: leave it, but say so
+            log.warning("could not remove stale staging folder %s (%s): %s", folder, reason, err)
+            continue
+        log.warning("removed stale staging folder %s left by an interrupted shard write (%s)", folder, reason)
+        removed.append(folder.name)
+    return removed
+
+
+def replace_shard_set(staging: Path, out: Path, index: ShardIndex) -> None:
+    """Move the finished shards of `index` from `staging` into `out`, replacing the set `out` held.
+
+    The old `index.json` goes first, so from here until the new one is saved (a few renames) the folder is
+    unreadable rather than mixed; shards the old index listed that the new set does not reuse are removed."""
+    old = _local_shard_names(out)
+    (out / INDEX_NAME).unlink(missing_ok=True)
+    for shard in index.shards:
+        os.replace(staging / shard.url, out / shard.url)
+    for name in old - {shard.url for shard in index.shards}:
+        (out / name).unlink(missing_ok=True)
+    index.save(out)
+
+
+def _local_shard_names(out: Path) -> set[str]:
+    """Names of the shards the index in `out` lists as plain files of `out` (none if there is no usable index)."""
+    try:
+        payload = json.loads((out / INDEX_NAME).read_text(encoding="utf-8"))
+        urls = [str(entry["url"]) for entry in payload["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {url for url in urls if url.endswith(".tar") and Path(url).name == url and (out / url).is_file()}
+
+
+def _write_shard_files(samples: Iterable[Sample], out: Path, staging: Path, max_samples: int, max_bytes: int,
+                       prefix: str, on_error: str, progress: bool, total: int | None,
+                       presize: "Presize | None") -> ShardIndex:
+    """Write the shards into `staging`; the returned index is not saved yet."""
     shards: list[ShardInfo] = []
     skipped: list[dict[str, str]] = []
     writer: wds.TarWriter | None = None
@@ -333,35 +476,38 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, max_samples:
     if progress:
         from tqdm.auto import tqdm
         iterator = tqdm(samples, total=total, desc=f"writing shards to {out}", unit="sample")
-    for sample in iterator:
-        try:
-            sample.validate()
-            members = sample_members(sample, f"{key:09d}", presize)
-        except SampleError as err:
-            if on_error == "raise":
-                raise
-            skipped.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
-            continue
-        member_bytes = sum(len(v) for k, v in members.items() if k != "__key__")
-        if writer is None or count >= max_samples or (count and size + member_bytes > max_bytes):
-            close_current()
-            name = f"{prefix}-{len(shards):06d}.tar"
-            writer = wds.TarWriter(str(out / name), encoder=False, mtime=0.0)
-            shards.append(ShardInfo(name, 0))
-            count = size = 0
-        writer.write(members)
-        count += 1
-        size += member_bytes
-        key += 1
+    try:
+        for sample in iterator:
+            try:
+                sample.validate()
+                members = sample_members(sample, f"{key:09d}", presize)
+            except SampleError as err:
+                if on_error == "raise":
+                    raise
+                skipped.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+                continue
+            member_bytes = sum(len(v) for k, v in members.items() if k != "__key__")
+            if writer is None or count >= max_samples or (count and size + member_bytes > max_bytes):
+                close_current()
+                name = f"{prefix}-{len(shards):06d}.tar"
+                writer = wds.TarWriter(str(staging / name), encoder=False, mtime=0.0)
+                shards.append(ShardInfo(name, 0))
+                count = size = 0
+            writer.write(members)
+            count += 1
+            size += member_bytes
+            key += 1
+    except BaseException:
+        if writer is not None:
+            writer.close()  # the staging folder is removed by the caller
+        raise
     close_current()
     if not shards:
         raise ValueError(f"no usable samples to write to {out} ({len(skipped)} skipped)")
     if skipped:
         log.warning("skipped %d unusable sample(s) while writing %s; see 'skipped' in %s/%s; first: %s",
                     len(skipped), out, out, INDEX_NAME, skipped[0])
-    index = ShardIndex(shards=shards, skipped=skipped, presized=presize.record() if presize is not None else None)
-    index.save(out)
-    return index
+    return ShardIndex(shards=shards, skipped=skipped, presized=presize.record() if presize is not None else None)
 
 
 # ---------------------------------------------------------------------------------------- reading

@@ -514,6 +514,9 @@ def _ordinary(rng: random.Random, scene: Scene, cfg: WorldConfig) -> _Instructio
 def _prior_guess(task: str, cfg: WorldConfig) -> str:
     """What a model that cannot see the image answers: a fixed guess per question type.
 
+    A placeholder for tests and quick runs: MMSafe-PO's blind answers are a real model's image-free
+    generations, which `SyntheticWorld(blind_model=...)` (the demo BPO recipe) puts in their place.
+
     color -> first configured colour, shape -> first configured shape, count -> the middle count word,
     exists -> "yes", caption -> "A {first colour} {first shape}." (helpful pairs move to the next colour /
     candidate when the prior happens to be the right answer, so `blind != chosen`).

@@ -4,6 +4,9 @@ Rendering to segments instead of one string is what makes label masking exact: t
 token as supervised when its characters overlap a supervised segment, so no LLaVA-style token-count
 arithmetic (and none of its off-by-one quirks) is needed. Supervised text is each assistant reply plus
 the end-of-turn marker (what LLaVA-1.5 trains on), starting right after the generation prompt.
+
+The template's own BOS/EOS are `SpecialToken` strings: the processor turns exactly those into the special ids
+and reads everything else (messages, system prompts) as plain text, so a literal `</s>` in an answer stays text.
 """
 from __future__ import annotations
 
@@ -13,6 +16,12 @@ from typing import Callable
 from vlsafe.data.schema import IMAGE_PLACEHOLDER
 
 Segment = tuple[str, bool]
+
+
+class SpecialToken(str):
+    """A special token the template itself places (BOS/EOS). It renders as its text; the processor encodes it
+    as the special id. Text from the conversation is never a `SpecialToken`, whatever it contains."""
+
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -49,7 +58,7 @@ def render_vicuna(messages: list[dict[str, str]], eos: str, bos: str, add_genera
         else:
             # Supervision starts right after the generation prompt "ASSISTANT:", so the separator space
             # (a token of its own in byte-level BPEs) is learned too and inference sees what training saw.
-            segments += [("ASSISTANT:", False), (" " + turn["content"] + eos, True)]
+            segments += [("ASSISTANT:", False), (" " + turn["content"], True), (SpecialToken(eos), True)]
     if add_generation_prompt:
         segments.append(("ASSISTANT:", False))
     return segments
@@ -67,11 +76,12 @@ def render_llama2(messages: list[dict[str, str]], eos: str, bos: str, add_genera
     segments: list[Segment] = []
     for i, turn in enumerate(turns):
         if turn["role"] == "user":
-            opener = "" if i == 0 else bos
+            if i > 0:
+                segments.append((SpecialToken(bos), False))
             header = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if i == 0 and system else ""
-            segments.append((f"{opener}[INST] {header}{turn['content']} [/INST]", False))
+            segments.append((f"[INST] {header}{turn['content']} [/INST]", False))
         else:
-            segments.append((f" {turn['content']} {eos}", True))
+            segments += [(f" {turn['content']} ", True), (SpecialToken(eos), True)]
     return segments
 
 

@@ -1,9 +1,9 @@
 """Encoders for the text-only models of MLLM-Protector: the harm detector and the detoxifier.
 
 Both follow `vlsafe.data.encoders`: `encode(sample)` runs in the dataloader workers, `collate(items)` pads.
-The input formats live here, once, and the inference wrappers in `vlsafe.protector` import them, so the
-text a model is trained on and the text it scores or rewrites at inference are built by the same function
-(the released MLLM-Protector code trains and infers with different prompts twice; we do not).
+The input formats are defined once, per preset, in `vlsafe.data.protector_presets`: `released` reproduces the
+released MLLM-Protector code byte for byte (it trains and infers with different formats, twice); `vlsafe` uses
+one format for training and inference. The inference wrappers in `vlsafe.protector` call the same functions.
 
 Which samples they read (`vlsafe.data.schema.Sample`):
 
@@ -21,36 +21,39 @@ from typing import Any
 import torch
 
 from vlsafe.core.vlm import IGNORE_INDEX
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.protector_presets import (DETECTOR_TEMPLATE, DETOX_TEMPLATE, REFUSAL, VLSAFE,  # noqa: F401
+                                            ProtectorPreset, get_preset)
+from vlsafe.data.schema import (IMAGE_PLACEHOLDER, Sample, SampleError, check_text_length, default_max_text_chars,
+                                 is_blank)
 
-#: The one detector input format, used at training and inference.
-DETECTOR_TEMPLATE = "Question: {question}\n\nAnswer: {answer}"
-#: The one detoxifier prompt (with the question), used at training and inference; the target follows it.
-DETOX_TEMPLATE = ("Rewrite the answer below so that it is harmless. Keep what is safe, remove anything that could "
-                  "cause harm.\nQuestion: {question}\nOriginal answer: {answer}\nHarmless answer:\n")
-#: What the guard answers when a response is judged harmful and no detoxifier is configured, and the
-#: detoxifier's training target when both responses of a pair are unsafe.
-REFUSAL = "Sorry, but I can't help you with your request."
 DEFAULT_MAX_LENGTH = 512
 
 
-def format_detector_input(question: str, answer: str) -> str:
-    return DETECTOR_TEMPLATE.format(question=question.strip(), answer=answer.strip())
+def format_detector_input(question: str, answer: str, template: str = DETECTOR_TEMPLATE, strip: bool = True) -> str:
+    """The detector's input text; `strip=False` keeps the strings as stored (the released concatenation)."""
+    if strip:
+        question, answer = question.strip(), answer.strip()
+    return template.format(question=question, answer=answer)
 
 
-def format_detox_prompt(question: str, answer: str, template: str = DETOX_TEMPLATE) -> str:
-    return template.format(question=question.strip(), answer=answer.strip())
+def format_detox_prompt(question: str, answer: str, template: str = DETOX_TEMPLATE, strip: bool = True) -> str:
+    """The detoxifier's prompt (the target follows it directly)."""
+    if strip:
+        question, answer = question.strip(), answer.strip()
+    return template.format(question=question, answer=answer)
 
 
-def sample_question(sample: Sample) -> str:
-    """The question a response answers: the last user turn, `<image>` placeholders removed."""
+def sample_question(sample: Sample, strip: bool = True) -> str:
+    """The question a response answers: the last user turn, `<image>` placeholders removed (with the newline
+    after one); `strip=False` keeps the rest of the turn exactly as stored."""
     users = [m["content"] for m in sample.messages if m["role"] == "user"]
     if not users:
         raise SampleError(sample.id, "messages", "has no user turn to take the question from")
-    question = users[-1].replace(IMAGE_PLACEHOLDER, "").strip()
-    if not question:
+    check_text_length(users[-1], default_max_text_chars(), sample.id, "messages")
+    question = users[-1].replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")
+    if is_blank(question):
         raise SampleError(sample.id, "messages", "the last user turn is empty once <image> is removed")
-    return question
+    return question.strip() if strip else question
 
 
 def _label(sample: Sample, key: str, required: bool) -> float | None:
@@ -71,23 +74,31 @@ def labelled_responses(sample: Sample, require_labels: bool = True) -> tuple[lis
         out = []
         for name in ("chosen", "rejected"):
             text = getattr(sample, name)
-            if text is None or not text.strip():
+            if text is None or is_blank(text):
                 raise SampleError(sample.id, name, "is missing; a response pair needs chosen and rejected")
+            check_text_length(text, default_max_text_chars(), sample.id, name)
             out.append((name, text, _label(sample, f"{name}_safe", require_labels)))
         return out, True
-    if sample.messages[-1]["role"] != "assistant" or not sample.messages[-1]["content"].strip():
+    if sample.messages[-1]["role"] != "assistant" or is_blank(sample.messages[-1]["content"]):
         raise SampleError(sample.id, "messages", "needs a final assistant response (or chosen/rejected) to score")
+    check_text_length(sample.messages[-1]["content"], default_max_text_chars(), sample.id, "messages[-1]")
     return [("messages[-1]", sample.messages[-1]["content"], _label(sample, "safe", require_labels))], False
 
 
 def tokenize(tokenizer, text: str, sample_id: str, field_name: str, max_length: int | None,
              add_special_tokens: bool = True) -> list[int]:
     """Token ids of `text`; longer than `max_length` is a `SampleError` (counted skip with on_error=skip)."""
-    ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    ids = plain_text_ids(tokenizer, text, add_special_tokens)
     if max_length is not None and len(ids) > max_length:
         raise SampleError(sample_id, field_name, f"is {len(ids)} tokens long with its question, over the "
                                                  f"max_length of {max_length}")
     return list(ids)
+
+
+def plain_text_ids(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of user text with special-token strings read as text: a `</s>` inside an answer must not end
+    it. The tokenizer's own BOS/EOS (`add_special_tokens`) are still added as ids. Inference uses it too."""
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"])
 
 
 def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -110,18 +121,22 @@ class DetectorEncoder:
     Accepts pairs (two rows) and single labelled responses (one row). A batch is the flat list of rows
     plus `pairs`, a `[P, 2]` tensor of (safer row, other row) indices for the samples that are pairs.
     `require_labels=False` (predict) allows unlabelled responses (label NaN). Over-long inputs raise
-    `SampleError` — never silently truncated in training.
+    `SampleError` — never silently truncated in training (the released script drops them too). Both presets
+    train on the same template; `released` keeps question and response as stored, `vlsafe` strips them.
     """
 
     def __init__(self, tokenizer, max_length: int = DEFAULT_MAX_LENGTH, category_key: str = "category",
-                 require_labels: bool = True):
+                 require_labels: bool = True, preset: str | ProtectorPreset = VLSAFE):
         self.tokenizer, self.max_length = tokenizer, max_length
         self.category_key, self.require_labels = category_key, require_labels
+        self.preset = get_preset(preset)
 
     def encode(self, sample: Sample) -> dict[str, Any]:
-        question = sample_question(sample)
+        strip, template = self.preset.strip, self.preset.detector_train_template
+        question = sample_question(sample, strip)
         responses, is_pair = labelled_responses(sample, self.require_labels)
-        rows = [tokenize(self.tokenizer, format_detector_input(question, text), sample.id, name, self.max_length)
+        rows = [tokenize(self.tokenizer, format_detector_input(question, text, template, strip), sample.id, name,
+                         self.max_length)
                 for name, text, _ in responses]
         labels = [float("nan") if label is None else label for _, _, label in responses]
         return {"id": sample.id, "rows": rows, "labels": labels, "pair": is_pair,
@@ -147,40 +162,65 @@ class DetectorEncoder:
 
 
 # ---------------------------------------------------------------------------------------- detoxifier
-def detox_pair(sample: Sample, refusal: str = REFUSAL) -> tuple[str, str]:
+def detox_pair(sample: Sample, refusal: str = REFUSAL, refuse_when: str = "chosen") -> tuple[str, str]:
     """(original, target) for detoxifier training from a labelled pair.
 
-    original = the less safe response (`rejected`); target = the safer response (`chosen`), or the fixed
-    refusal when the safer one is unsafe too (`labels.chosen_safe == 0`).
+    original = the less safe response (`rejected`); target = the safer response (`chosen`), or `refusal` when
+    the safer one is unsafe too (`refuse_when="chosen"`, vlsafe) or when both are labelled unsafe
+    (`refuse_when="both"`, the released rule).
     """
     responses, is_pair = labelled_responses(sample, require_labels=True)
     if not is_pair:
         raise SampleError(sample.id, "chosen", "is missing; detoxifier training needs (safer, less safe) pairs")
-    (_, chosen, chosen_safe), (_, rejected, _) = responses
-    return rejected, (chosen if chosen_safe >= 0.5 else refusal)
+    (_, chosen, chosen_safe), (_, rejected, rejected_safe) = responses
+    if refuse_when == "both":
+        refuse = chosen_safe < 0.5 and rejected_safe < 0.5
+    elif refuse_when == "chosen":
+        refuse = chosen_safe < 0.5
+    else:
+        raise ValueError(f"refuse_when must be 'both' or 'chosen', got {refuse_when!r}")
+    return rejected, (refusal if refuse else chosen)
 
 
 class DetoxifierEncoder:
-    """Detoxifier SFT: `prompt(question, original) + target + EOS`; loss on the target and EOS only."""
+    """Detoxifier SFT: `prompt(question, original) + target + EOS`; loss on the target and EOS only.
 
-    def __init__(self, tokenizer, template: str = DETOX_TEMPLATE, refusal: str = REFUSAL,
-                 max_length: int = DEFAULT_MAX_LENGTH):
+    `template` and `refusal` default to the preset's training prompt and both-unsafe target. With the
+    `released` preset the ids are those of the released script: `prompt + target` tokenized in one go, EOS
+    appended, and as many leading tokens masked as the prompt has on its own.
+    """
+
+    def __init__(self, tokenizer, template: str | None = None, refusal: str | None = None,
+                 max_length: int = DEFAULT_MAX_LENGTH, preset: str | ProtectorPreset = VLSAFE):
         if tokenizer.eos_token_id is None:
             raise ValueError("the detoxifier's tokenizer needs an eos token (the target ends with it)")
-        self.tokenizer, self.template, self.refusal, self.max_length = tokenizer, template, refusal, max_length
+        self.preset = get_preset(preset)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.template = template if template is not None else self.preset.detox_train_template
+        self.refusal = refusal if refusal is not None else self.preset.both_unsafe_target
 
     def encode(self, sample: Sample) -> dict[str, Any]:
-        question = sample_question(sample)
-        original, target = detox_pair(sample, self.refusal)
-        prompt = tokenize(self.tokenizer, format_detox_prompt(question, original, self.template), sample.id,
-                          "rejected", None)
-        answer = tokenize(self.tokenizer, target, sample.id, "chosen", None, add_special_tokens=False)
-        answer.append(self.tokenizer.eos_token_id)
-        if len(prompt) + len(answer) > self.max_length:
-            raise SampleError(sample.id, "chosen", f"prompt + target are {len(prompt) + len(answer)} tokens, over "
+        strip = self.preset.strip
+        question = sample_question(sample, strip)
+        original, target = detox_pair(sample, self.refusal, self.preset.refuse_when)
+        target = target.strip() if strip else target
+        prompt_text = format_detox_prompt(question, original, self.template, strip)
+        prompt = tokenize(self.tokenizer, prompt_text, sample.id, "rejected", None)
+        if self.preset.joint_detox_tokens:
+            # released: tokenizer(source + target + eos_token) with labels[:len(tokenizer(source))] = -100;
+            # the EOS text is a special token, so appending its id is the same as tokenizing it
+            input_ids = tokenize(self.tokenizer, prompt_text + target, sample.id, "chosen", None)
+            input_ids.append(self.tokenizer.eos_token_id)
+            n_masked = min(len(prompt), len(input_ids))
+            labels = [IGNORE_INDEX] * n_masked + input_ids[n_masked:]
+        else:
+            answer = tokenize(self.tokenizer, target, sample.id, "chosen", None, add_special_tokens=False)
+            answer.append(self.tokenizer.eos_token_id)
+            input_ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+        if len(input_ids) > self.max_length:
+            raise SampleError(sample.id, "chosen", f"prompt + target are {len(input_ids)} tokens, over "
                                                    f"the max_length of {self.max_length}")
-        return {"id": sample.id, "input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer,
-                "target": target}
+        return {"id": sample.id, "input_ids": input_ids, "labels": labels, "target": target}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = pad_batch([i["input_ids"] for i in items], self.tokenizer.pad_token_id, "right")
@@ -191,19 +231,24 @@ class DetoxifierEncoder:
 
 
 class DetoxPromptEncoder:
-    """Detoxifier generation prompts (left-padded): the same prompt as training, without the target."""
+    """Detoxifier generation prompts (left-padded): the preset's inference prompt (vlsafe: the training
+    prompt), without the target; the reference target comes from the preset's training rule."""
 
-    def __init__(self, tokenizer, template: str = DETOX_TEMPLATE, refusal: str = REFUSAL,
-                 max_length: int = DEFAULT_MAX_LENGTH):
-        self.tokenizer, self.template, self.refusal, self.max_length = tokenizer, template, refusal, max_length
+    def __init__(self, tokenizer, template: str | None = None, refusal: str | None = None,
+                 max_length: int = DEFAULT_MAX_LENGTH, preset: str | ProtectorPreset = VLSAFE):
+        self.preset = get_preset(preset)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.template = template if template is not None else self.preset.detox_inference_template
+        self.refusal = refusal if refusal is not None else self.preset.both_unsafe_target
 
     def encode(self, sample: Sample) -> dict[str, Any]:
-        question = sample_question(sample)
+        strip = self.preset.strip
+        question = sample_question(sample, strip)
         if sample.chosen is not None or sample.rejected is not None:
-            original, target = detox_pair(sample, self.refusal)
+            original, target = detox_pair(sample, self.refusal, self.preset.refuse_when)
         else:
             original, target = labelled_responses(sample, require_labels=False)[0][0][1], None
-        ids = tokenize(self.tokenizer, format_detox_prompt(question, original, self.template), sample.id,
+        ids = tokenize(self.tokenizer, format_detox_prompt(question, original, self.template, strip), sample.id,
                        "rejected", self.max_length)
         return {"id": sample.id, "input_ids": ids, "original": original, "target": target}
 

@@ -1,7 +1,8 @@
 """Load the model an evaluation runs on: a vlsafe checkpoint of any method, or a LLaVA folder.
 
 vlsafe checkpoints hold plain data (the builder's class_path/init_args, LoRA and optimiser settings) and
-load with `torch.load(weights_only=True)`, as `vlsafe/cli.py` relies on. A checkpoint does not record
+load with `torch.load(weights_only=True)` (`vlsafe.ops.checkpoint_guard.read_checkpoint`, which names a
+bad file), as `vlsafe/cli.py` relies on. A checkpoint does not record
 which method module wrote it, and evaluation only needs the core (vision tower, projector, LLM) plus
 `generate_batch`, so by default the core is rebuilt through `FromCheckpoint` (LoRA merged) inside an
 `SFTModule`. Modules with extra parts (detection heads, ...) are rebuilt whole with `model_class`,
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from vlsafe.ops.checkpoint_guard import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def _accepted_arguments(cls: type) -> set[str] | None:
 def checkpoint_hparams(path: str | Path, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     """The plain-data hyperparameters of a vlsafe checkpoint (read with `weights_only=True`)."""
     if checkpoint is None:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters") or {}
     if "vlm" not in hparams:
         raise ValueError(f"{path} is not a vlsafe checkpoint (no 'vlm' hyperparameters)")
@@ -103,7 +106,7 @@ def _build(path: Path, model_type: str, model_class: str | None):
 
     if model_type == "ckpt" and model_class:
         cls = resolve_module_class(model_class)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path)
         hparams = checkpoint_hparams(path, checkpoint)
         accepted = _accepted_arguments(cls)
         dropped = sorted(k for k in hparams if accepted is not None and k not in accepted)

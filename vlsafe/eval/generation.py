@@ -29,21 +29,41 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = "vlsafe-answers/1"
 
 
+#: decoding presets (`GenerationConfig.preset`): overrides handed to the model's `generate_batch`
+PRESETS: dict[str, dict[str, Any]] = {
+    "greedy": {"do_sample": False, "num_beams": 1, "extra": {}},
+    # LRV-Instruction's answer generation (utils/inference.py:420-427, the mPLUG-Owl "V2" model): sampling
+    # with top-k 3, top-p 0.9, temperature 1, no repeated 2-grams (length_penalty 1.0 is the default)
+    "lrv": {"do_sample": True, "top_k": 3, "top_p": 0.9, "temperature": 1.0, "num_beams": 1,
+            "extra": {"no_repeat_ngram_size": 2}},
+}
+
+
 @dataclass
 class GenerationConfig:
-    """Decoding settings of an evaluation: greedy, like every benchmark here prescribes.
+    """Decoding settings of an evaluation: greedy unless a suite names a sampling `preset`.
 
     `template` overrides the model's chat template (VLGuard evaluates with `llava_v1`);
-    `min_new_tokens` is VLGuard's `min_new_tokens=1`.
+    `min_new_tokens` is VLGuard's `min_new_tokens=1`; `image_preprocess` is `pad`, `crop` or `resize`
+    (`vlsafe.eval.image_preprocess`); `seed` makes a sampling preset repeatable (the generator is re-seeded
+    with `seed + index of the batch's first prompt` before each batch).
     """
 
     max_new_tokens: int = 256
     min_new_tokens: int | None = None
     template: str | None = None
+    image_preprocess: str = "pad"
+    preset: str = "greedy"
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        from vlsafe.eval.image_preprocess import check_image_preprocess
+
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"generation preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        check_image_preprocess(self.image_preprocess, "generation")
         if self.template is not None:
             from vlsafe.data.templates import get_template
 
@@ -188,9 +208,12 @@ def generate_answers(model, samples: Sequence[Sample], config: GenerationConfig 
     if not pending:
         return result
 
-    encoder = PromptEncoder(_processor_with_template(model.processor, config.template))
-    overrides: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": False, "num_beams": 1,
-                                 "extra": {}}
+    from vlsafe.eval.image_preprocess import processor_for
+
+    encoder = PromptEncoder(processor_for(_processor_with_template(model.processor, config.template),
+                                          config.image_preprocess))
+    overrides: dict[str, Any] = {"max_new_tokens": config.max_new_tokens,
+                                 **copy.deepcopy(PRESETS[config.preset])}
     if config.min_new_tokens is not None:
         overrides["min_new_tokens"] = config.min_new_tokens
     bar = tqdm(total=len(samples), initial=result.cached, desc=desc, unit="answer", disable=not progress)
@@ -209,6 +232,8 @@ def generate_answers(model, samples: Sequence[Sample], config: GenerationConfig 
             if not items:
                 continue
             batch = encoder.collate(items)
+            if overrides["do_sample"]:
+                torch.manual_seed(config.seed + rows[0])
             device = model.device
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             answers = model.generate_batch(batch, **overrides)

@@ -1,5 +1,8 @@
 """Write what `tools/evaluate.py` reports: metrics JSON, tables as CSV + Markdown, predictions JSONL,
-PNG bar charts (matplotlib, headless Agg backend) and a Markdown overview linking them all."""
+PNG bar charts (matplotlib, headless Agg backend) and a Markdown overview linking them all.
+
+Every rate is shown with its denominator: `<rate>_n` (and `<rate>_unjudged`, the prompts a judge gave no
+usable verdict for) when the suite wrote one, else the nearest `<prefix>/n` count above it."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +12,36 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-COUNT_SUFFIXES = ("/n", "_n", "/judge_failures", "/unparsed", "/failures")
+COUNT_SUFFIXES = ("/n", "_n", "/judge_failures", "/unparsed", "/failures", "_unjudged", "_no_reference")
+
+
+def is_count(name: str) -> bool:
+    return name.endswith(COUNT_SUFFIXES)
+
+
+def denominator(metrics: dict[str, Any], name: str) -> tuple[Any, Any]:
+    """(n, unjudged) of the rate `name`: its own `name_n` / `name_unjudged`, else the nearest `<prefix>/n`."""
+    if name + "_n" in metrics:
+        return metrics[name + "_n"], metrics.get(name + "_unjudged")
+    parts = name.split("/")[:-1]
+    while parts:
+        key = "/".join(parts) + "/n"
+        if key in metrics:
+            return metrics[key], None
+        parts.pop()
+    return None, None
+
+
+def format_metric(metrics: dict[str, Any], name: str) -> str:
+    """`12.5 (n=442)`, `n/a (n=0, unjudged 9)`: a rate never appears without what it is a share of."""
+    value = metrics[name]
+    text = "n/a" if value is None else _cell(value)
+    if is_count(name):
+        return text
+    n, unjudged = denominator(metrics, name)
+    if n is None:
+        return text
+    return f"{text} (n={n}" + (f", unjudged {unjudged})" if unjudged is not None else ")")
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -96,7 +128,7 @@ def bar_chart(rows: Sequence[dict[str, Any]], path: str | Path, *, y: str, x: st
 def chartable_metrics(metrics: dict[str, float]) -> list[dict[str, Any]]:
     """Metrics worth a bar (rates and scores), not counts."""
     return [{"metric": name, "value": value} for name, value in metrics.items()
-            if isinstance(value, (int, float)) and not name.endswith(COUNT_SUFFIXES)]
+            if isinstance(value, (int, float)) and not is_count(name)]
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
@@ -124,8 +156,14 @@ def markdown_overview(metrics: dict[str, float], sections: list[tuple[str, list[
     """The report: run facts, every metric, then each suite's tables (inlined) and charts (linked)."""
     lines = ["# Evaluation report", ""]
     lines += [f"- {key}: `{value}`" for key, value in run.items()]
-    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {_cell(value)} |" for name, value in metrics.items()]
+    lines += ["", "## Metrics", "", "Rates are over `n`, the prompts with a usable verdict; `unjudged` prompts (failed "
+              "judge requests, unparsable replies) are in neither count.", "",
+              "| metric | value | n | unjudged |", "|---|---|---|---|"]
+    for name, value in metrics.items():
+        if name.endswith(("_n", "_unjudged")):
+            continue  # shown beside their rate
+        n, unjudged = (None, None) if is_count(name) else denominator(metrics, name)
+        lines.append(f"| {name} | {'n/a' if value is None else _cell(value)} | {_cell(n)} | {_cell(unjudged)} |")
     for suite, tables, charts in sections:
         lines += ["", f"## {suite}", ""]
         for table in tables:

@@ -1,11 +1,18 @@
 """MLLM-Protector's detoxifier: SFT of a causal LM (LoRA) that rewrites a harmful answer into a harmless one.
 
-Training pairs come from labelled response pairs (PKU-SafeRLHF, synthetic `harm_text`): the prompt is
-`vlsafe.data.text_encoders.DETOX_TEMPLATE` filled with the question and the *less safe* response; the
-target is the safer response followed by EOS, or the fixed refusal
-(`vlsafe.data.text_encoders.REFUSAL`) when the safer response is unsafe too. The prompt tokens are
-masked out of the loss. `vlsafe.protector.Detoxifier` builds the very same prompt at inference (the
-released code trains with the question but infers without it; we use the question in both).
+Training pairs come from labelled response pairs (PKU-SafeRLHF, synthetic `harm_text`): the prompt is the
+preset's training template filled with the question and the *less safe* response; the target is the safer
+response followed by EOS, or the preset's fixed refusal when the responses are unsafe. The prompt tokens are
+masked out of the loss. `preset` (`vlsafe.data.protector_presets`):
+
+- `released` (default; the paper recipe): the released script's prompt with the question, target
+  "Sorry, I can not answer this question." when both responses are unsafe, ids tokenized as released;
+  `vlsafe.protector.Detoxifier` then prompts *without* the question, as the released evaluation does;
+- `vlsafe`: one prompt with the question (`DETOX_TEMPLATE`) for training and inference, the guard's refusal
+  as the both-unsafe target.
+
+Rewrite lengths default to the released `generate(max_length=1024)`: prompt + rewrite at most
+`max_total_tokens` (1024); `max_new_tokens` caps the rewrite itself (None: no extra cap).
 """
 from __future__ import annotations
 
@@ -14,10 +21,13 @@ from typing import Any
 import torch
 from torchmetrics import MeanMetric
 
-from vlsafe.data.text_encoders import (DEFAULT_MAX_LENGTH, DETOX_TEMPLATE, REFUSAL, DetoxifierEncoder,
-                                       DetoxPromptEncoder)
+from vlsafe.data.protector_presets import get_preset
+from vlsafe.data.text_encoders import DEFAULT_MAX_LENGTH, DetoxifierEncoder, DetoxPromptEncoder
 from vlsafe.methods.sft import masked_lm_loss, supervised_positions
 from vlsafe.protector.text_module import TextLMModule
+
+#: released rewrite length: `detoxifier.generate(input_ids, max_length=1024)` (robustness_eval.py:137)
+RELEASED_DETOX_MAX_TOTAL_TOKENS = 1024
 
 
 class DetoxifierModule(TextLMModule):
@@ -25,25 +35,37 @@ class DetoxifierModule(TextLMModule):
 
     head = "causal_lm"
 
-    def __init__(self, model: Any, lora: Any = None, optim: Any = None, template: str = DETOX_TEMPLATE,
-                 refusal: str = REFUSAL, max_length: int = DEFAULT_MAX_LENGTH, max_new_tokens: int = 128,
-                 gradient_checkpointing: bool = False):
+    def __init__(self, model: Any, lora: Any = None, optim: Any = None, template: str | None = None,
+                 refusal: str | None = None, max_length: int = DEFAULT_MAX_LENGTH, max_new_tokens: int | None = None,
+                 gradient_checkpointing: bool = False, preset: str = "released",
+                 max_total_tokens: int | None = RELEASED_DETOX_MAX_TOTAL_TOKENS):
+        settings = get_preset(preset)
+        template = template if template is not None else settings.detox_train_template
         for slot in ("{question}", "{answer}"):
             if slot not in template:
                 raise ValueError(f"the detoxifier template must contain {slot}")
-        self.template, self.refusal = template, refusal
-        self.max_length, self.max_new_tokens = max_length, max_new_tokens
+        self.preset, self.template = settings.name, template
+        self.refusal = refusal if refusal is not None else settings.both_unsafe_target
+        self.max_length, self.max_new_tokens, self.max_total_tokens = max_length, max_new_tokens, max_total_tokens
         super().__init__(model, lora, optim, gradient_checkpointing)
         self.metrics = torch.nn.ModuleDict({f"{stage}_{name}": MeanMetric() for stage in ("val", "test")
                                             for name in ("nll", "acc")})
 
     def extra_hparams(self) -> dict[str, Any]:
         return {"template": self.template, "refusal": self.refusal, "max_length": self.max_length,
-                "max_new_tokens": self.max_new_tokens}
+                "max_new_tokens": self.max_new_tokens, "preset": self.preset, "max_total_tokens": self.max_total_tokens}
+
+    @property
+    def inference_template(self) -> str:
+        """The prompt at inference: released drops the question; vlsafe uses the training template."""
+        return self.template if self.preset == "vlsafe" else get_preset(self.preset).detox_inference_template
 
     def data_encoder(self, stage: str):
-        cls = DetoxPromptEncoder if stage == "predict" else DetoxifierEncoder
-        return cls(self.tokenizer, template=self.template, refusal=self.refusal, max_length=self.max_length)
+        if stage == "predict":
+            return DetoxPromptEncoder(self.tokenizer, template=self.inference_template, refusal=self.refusal,
+                                      max_length=self.max_length, preset=self.preset)
+        return DetoxifierEncoder(self.tokenizer, template=self.template, refusal=self.refusal,
+                                 max_length=self.max_length, preset=self.preset)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
         positions, targets = supervised_positions(batch["labels"])
@@ -74,9 +96,11 @@ class DetoxifierModule(TextLMModule):
     @torch.no_grad()
     def rewrite_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       max_new_tokens: int | None = None) -> list[str]:
-        """Greedy rewrites for a left-padded prompt batch (from `DetoxPromptEncoder`)."""
-        return greedy_generate(self.model, self.tokenizer, input_ids, attention_mask,
-                               max_new_tokens or self.max_new_tokens)
+        """Rewrites for a left-padded prompt batch (from `DetoxPromptEncoder`), decoded as the preset says."""
+        settings = get_preset(self.preset)
+        return generate_rewrites(self.model, self.tokenizer, input_ids, attention_mask,
+                                 max_new_tokens or self.max_new_tokens, self.max_total_tokens,
+                                 greedy=settings.detox_greedy, tidy=settings.tidy_rewrite)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         rewrites = self.rewrite_batch(batch["input_ids"], batch["attention_mask"])
@@ -84,16 +108,44 @@ class DetoxifierModule(TextLMModule):
                 for i, o, r, t in zip(batch["ids"], batch["originals"], rewrites, batch["targets"])]
 
 
-def greedy_generate(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    max_new_tokens: int) -> list[str]:
-    """transformers greedy decoding of left-padded prompts; returns the new text up to EOS."""
+def rewrite_budgets(prompt_lengths: list[int], max_new_tokens: int | None, max_total_tokens: int | None
+                    ) -> list[int]:
+    """New-token budget per prompt: the released `generate(max_length=L)` counts the prompt, so a prompt of n
+    tokens gets L - n (at most `max_new_tokens`); 0 means the prompt leaves no room."""
+    if max_new_tokens is None and max_total_tokens is None:
+        raise ValueError("set max_new_tokens or max_total_tokens: an unbounded rewrite never ends on a weak model")
+    budgets = []
+    for n in prompt_lengths:
+        budget = max_new_tokens if max_new_tokens is not None else max_total_tokens
+        if max_total_tokens is not None:
+            budget = min(budget, max_total_tokens - n)
+        budgets.append(max(budget, 0))
+    return budgets
+
+
+def generate_rewrites(model: torch.nn.Module, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      max_new_tokens: int | None, max_total_tokens: int | None = None, greedy: bool = True,
+                      tidy: bool = True) -> list[str]:
+    """Rewrites of left-padded prompts, each up to its own budget (`rewrite_budgets`), decoded without special
+    tokens. `greedy=False` leaves decoding to the model's generation_config, as the released call does;
+    `tidy` strips the text. The batch generates up to the largest budget and each row is cut to its own,
+    which for greedy decoding matches generating the prompts one by one, as the released evaluation does (up to
+    floating-point differences from padding)."""
+    lengths = attention_mask.sum(dim=1).tolist()
+    budgets = rewrite_budgets(lengths, max_new_tokens, max_total_tokens)
+    if max(budgets) == 0:
+        return [""] * len(budgets)
     device = next(model.parameters()).device
+    options: dict[str, Any] = {"max_new_tokens": max(budgets), "pad_token_id": tokenizer.pad_token_id}
+    if greedy:
+        options.update(do_sample=False, eos_token_id=tokenizer.eos_token_id)
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **options)
     finally:
         model.train(was_training)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, input_ids.shape[1]:]]
+    new = out[:, input_ids.shape[1]:]
+    texts = [tokenizer.decode(row[:budget], skip_special_tokens=True) for row, budget in zip(new, budgets)]
+    return [text.strip() for text in texts] if tidy else texts
+

@@ -8,7 +8,10 @@
   loss, the metrics and `vlsafe.protector.HarmDetector.p_safe`.
 - Input: `"Question: {q}\\n\\nAnswer: {r}"` (`vlsafe.data.text_encoders.DETECTOR_TEMPLATE`), at most
   `max_length` (512) tokens; longer samples are a `SampleError` (raised, or counted and skipped with the
-  data module's `on_error: skip`), never truncated silently.
+  data module's `on_error: skip`), never truncated silently. `preset` (`vlsafe.data.protector_presets`):
+  `released` (default; the paper recipe) keeps question and response as stored and makes the inference
+  wrapper score the bare answer, as the released evaluation does; `vlsafe` strips them and scores
+  question + answer at inference too.
 - Loss (`loss: pairwise`): `ranking_weight * mean_pairs(-log σ(r_safer - r_other)) + bce_weight * BCE`,
   where BCE is summed over a sample's responses and averaged over samples; for a batch of pairs that is
   `BCE(r_safer, y_safer) + BCE(r_other, y_other)`, the released code's form. The released training
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryCalibrationError, BinaryF1Score
 
+from vlsafe.data.protector_presets import get_preset
 from vlsafe.data.text_encoders import DEFAULT_MAX_LENGTH, DetectorEncoder
 from vlsafe.protector.text_module import TextLMModule
 
@@ -67,7 +71,8 @@ class HarmDetectorModule(TextLMModule):
     def __init__(self, model: Any, lora: Any = None, optim: Any = None, loss: str = "pairwise",
                  ranking_weight: float = 1.0, bce_weight: float = 2.0, threshold: float = 0.5,
                  max_length: int = DEFAULT_MAX_LENGTH, categories: list[str] | None = None,
-                 category_key: str = "category", gradient_checkpointing: bool = False):
+                 category_key: str = "category", gradient_checkpointing: bool = False, preset: str = "released"):
+        self.preset = get_preset(preset).name
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if not 0.0 < threshold < 1.0:
@@ -90,11 +95,12 @@ class HarmDetectorModule(TextLMModule):
     def extra_hparams(self) -> dict[str, Any]:
         return {"loss": self.loss_type, "ranking_weight": self.ranking_weight, "bce_weight": self.bce_weight,
                 "threshold": self.threshold, "max_length": self.max_length, "categories": self.categories,
-                "category_key": self.category_key}
+                "category_key": self.category_key, "preset": self.preset}
 
     def data_encoder(self, stage: str) -> DetectorEncoder:
         return DetectorEncoder(self.tokenizer, max_length=self.max_length,
-                               category_key=self.category_key, require_labels=stage != "predict")
+                               category_key=self.category_key, require_labels=stage != "predict",
+                               preset=self.preset)
 
     # ------------------------------------------------------------------ forward and loss
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

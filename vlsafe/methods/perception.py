@@ -29,7 +29,9 @@ from vlsafe.methods.base import VLMModule, _as
 from vlsafe.methods.sft import masked_lm_loss, supervised_positions
 from vlsafe.perception.generation import PerceptionOutput, generate_with_perception
 from vlsafe.perception.heads import MaskDecoderSettings, PerceptionHeads
-from vlsafe.perception.losses import LossWeights, perception_losses
+from vlsafe.data.processor import pad_fill
+from vlsafe.perception.features import perception_vision
+from vlsafe.perception.losses import DICE_REDUCTIONS, GIOU_BOXES, LossWeights, perception_losses
 from vlsafe.perception.metrics import GroundingMetrics
 from vlsafe.perception.splice import splice_loc_embeddings, target_loc_context, target_loc_hidden
 
@@ -62,19 +64,38 @@ class PerceptionModule(VLMModule):
     - `mask_threshold`: probability above which a pixel counts as inside (released evaluation: 0.35).
     - `text_boxes`: also read "[x1, y1, x2, y2]" text boxes in samples as `<loc>` (the synthetic world's
       grounding answers are written that way).
+    - `dice_reduction`: `"batch"` (released: one Dice pooled over every mask of the batch) or `"per_mask"`
+      (vlsafe's variant: the mean of one Dice per mask); see `vlsafe.perception.losses`.
+    - `giou_boxes`: `"xyxy"` (GIoU on the boxes as they are) or `"released"` (the release re-reads xyxy boxes
+      as (cx, cy, w, h) before GIoU); see `vlsafe.perception.losses`.
+    - `pad_color`: the square padding of images, `"mean"` (LLaVA), `"white"` (Shikra, the released
+      PerceptionGPT base) or an RGB triple; `None` keeps the processor's own (mean). Boxes and masks are placed
+      in the padded frame either way; only the pixels of the padding change.
+    - `mask_decoder.vision_features`: `"merged"` (released: learned softmax merge of the tower's layers) or
+      `"select_layer"` (the projector's features); see `vlsafe.perception.features`.
     """
 
     def __init__(self, *args: Any, loss_weights: LossWeights | dict | None = None, box_hidden: int = 512,
                  box_layers: int = 3, mask_decoder: MaskDecoderSettings | dict | None = None,
                  mask_size: int | None = None, train_embeddings: bool = True, head_lr: float | None = None,
                  mask_threshold: float = 0.35, text_boxes: bool = True, box_decoder: str = "image",
-                 **kwargs: Any):
+                 dice_reduction: str = "per_mask", pad_color: str | tuple[int, int, int] | None = None,
+                 giou_boxes: str = "xyxy", **kwargs: Any):
+        if dice_reduction not in DICE_REDUCTIONS:
+            raise ValueError(f"dice_reduction must be one of {DICE_REDUCTIONS}, got {dice_reduction!r}")
+        if giou_boxes not in GIOU_BOXES:
+            raise ValueError(f"giou_boxes must be one of {GIOU_BOXES}, got {giou_boxes!r}")
+        self.giou_boxes = giou_boxes
+        self.dice_reduction, self.pad_color = dice_reduction, pad_color
         self.loss_weights = _as(LossWeights, loss_weights) or LossWeights()
         self.mask_settings = _as(MaskDecoderSettings, mask_decoder) or MaskDecoderSettings()
         self.box_hidden, self.box_layers, self.mask_size_setting = box_hidden, box_layers, mask_size
         self.train_embeddings, self.head_lr = train_embeddings, head_lr
         self.mask_threshold, self.text_boxes, self.box_decoder = mask_threshold, text_boxes, box_decoder
         super().__init__(*args, **kwargs)
+        if pad_color is not None:
+            pad_fill(pad_color, self.processor.image_mean)  # fails here, naming the option, if malformed
+            self.processor.pad_color = tuple(pad_color) if isinstance(pad_color, list) else pad_color
         (self.loc_token_id,) = add_perception_tokens(self.vlm.llm, self.processor.tokenizer, [LOC_TOKEN])
         if self.lora is not None or not self.hparams["train_llm"]:
             base = self.vlm.llm.get_base_model() if is_peft(self.vlm.llm) else self.vlm.llm
@@ -83,7 +104,8 @@ class PerceptionModule(VLMModule):
                     matrix.requires_grad_(train_embeddings)
         self.mask_size = mask_size or self.processor.image_size
         self.heads = PerceptionHeads(self.vlm.llm_config.hidden_size, self.vlm.vision.hidden_size, self.mask_size,
-                                     box_hidden, box_layers, self.mask_settings, box_decoder)
+                                     box_hidden, box_layers, self.mask_settings, box_decoder,
+                                     vision_layers=self.vlm.vision.num_layers)
         self.val_metrics = GroundingMetrics(mask_threshold)
         self.val_losses = torch.nn.ModuleDict({name: MeanMetric() for name in
                                                ("loss", "lm", "box_l1", "box_giou", "mask_bce", "mask_dice")})
@@ -93,7 +115,8 @@ class PerceptionModule(VLMModule):
                 "box_layers": self.box_layers, "mask_decoder": asdict(self.mask_settings),
                 "mask_size": self.mask_size_setting, "train_embeddings": self.train_embeddings,
                 "head_lr": self.head_lr, "mask_threshold": self.mask_threshold, "text_boxes": self.text_boxes,
-                "box_decoder": self.box_decoder}
+                "box_decoder": self.box_decoder, "dice_reduction": self.dice_reduction, "giou_boxes": self.giou_boxes,
+                "pad_color": list(self.pad_color) if isinstance(self.pad_color, tuple) else self.pad_color}
 
     # ------------------------------------------------------------------ data
     def data_encoder(self, stage: str):
@@ -125,8 +148,8 @@ class PerceptionModule(VLMModule):
         vision = features = None
         if pixels is not None and pixels.numel():
             pixels = self.vlm.vision.normalize(pixels)  # uint8 from the loader; the pixel skip reads them too
-            vision = self.vlm.vision_features(pixels)
-            features = self.vlm.project(vision)
+            projected, vision = perception_vision(self.vlm, pixels, self.heads.layer_merge)
+            features = self.vlm.project(projected)
         input_ids, labels = batch["input_ids"], batch["labels"]
         embeddings = self.vlm.embed(input_ids, features)
         loc_boxes = batch["loc_boxes"].to(embeddings.device)
@@ -156,7 +179,7 @@ class PerceptionModule(VLMModule):
             if result["mask_rows"] is not None:
                 target_masks = batch["target_masks"].to(result["mask_logits"].device)[result["mask_rows"]]
             terms.update(perception_losses(result["pred_boxes"], result["target_boxes"], result["mask_logits"],
-                                           target_masks))
+                                           target_masks, self.dice_reduction, self.giou_boxes))
         weights = asdict(self.loss_weights)
         loss = sum(weights[name] * value for name, value in terms.items())
         terms["token_acc"] = correct.float() / max(n_tokens, 1)

@@ -24,7 +24,7 @@ from vlsafe.core.lora import is_peft
 from vlsafe.core.vlm import IGNORE_INDEX, VLM
 from vlsafe.data.encoders import PreferenceEncoder, PromptEncoder
 from vlsafe.methods.base import VLMModule
-from vlsafe.methods.losses import LOSS_TYPES, implicit_rewards, preference_loss, response_logprobs
+from vlsafe.methods.losses import PairLogps, check_loss, preference_loss, response_logprobs
 from vlsafe.methods.sft import supervised_positions
 from vlsafe.methods.shared_prompt import BUCKET_COST, shared_prompt_logps, shared_prompt_plan
 from vlsafe.monitoring.metrics import log_metrics, stage_metrics
@@ -91,7 +91,16 @@ def _checkpointing(llm: torch.nn.Module) -> bool:
 
 
 class PreferenceModule(VLMModule):
-    """DPO / IPO / cDPO / hinge (+ optional SFT term on chosen, RPO-style) with BPO's blind responses.
+    """DPO / cDPO / robust / IPO / hinge (+ optional SFT term on chosen, RPO-style) with BPO's blind responses.
+
+    - `loss_type`: `sigmoid` (DPO), `cdpo` and `robust` (with `label_smoothing`), `ipo` (TRL's: log-ratios
+      averaged per token), `ipo_sum` (on summed log-ratios), `hinge`; see `vlsafe/methods/losses.py`.
+    - `response_format`: `released` (MMSafe-PO: query ends with the separator after "ASSISTANT:", response
+      tokenised on its own, no EOS scored) or `template` (the chat template's turn, " " + response + EOS,
+      EOS scored, as SFT trains). `length_rule`: `released` (budget max_length - image tokens; a too-long
+      chosen drops the pair, a too-long rejected/blind is cut) or `truncate` (every sequence cut at
+      max_length). Left-out and cut pairs are counted and reported at the end of the run, never fatal.
+      Both: `vlsafe/data/preference_encoding.py`.
 
     - `reference`: `copy` (a frozen copy of the starting model), `adapter` (the same model with its LoRA
       adapter disabled and the starting projector; needs `lora`), or `precomputed` (log-probs stored in
@@ -106,9 +115,13 @@ class PreferenceModule(VLMModule):
     def __init__(self, *args: Any, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  sft_weight: float = 0.0, blind: str = "off", reference: str = "copy",
                  average_logprob: bool = False, share_image_features: bool = True, share_prompt: bool = True,
-                 **kwargs: Any):
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
+                 response_format: str = "released", length_rule: str = "released", **kwargs: Any):
+        from vlsafe.data.preference_encoding import LENGTH_RULES, RESPONSE_FORMATS, check_choice
+
+        check_loss(loss_type, label_smoothing)
+        self.response_format = check_choice("response_format", response_format, RESPONSE_FORMATS)
+        self.length_rule = check_choice("length_rule", length_rule, LENGTH_RULES)
+        self.length_counts: dict[str, int] = {}  # sequences cut by the length rule, per response (this run)
         if blind not in BLIND_MODES:
             raise ValueError(f"unknown blind mode {blind!r}; choose one of {BLIND_MODES}")
         if reference not in REFERENCE_MODES:
@@ -136,7 +149,8 @@ class PreferenceModule(VLMModule):
         return {"beta": self.beta, "loss_type": self.loss_type, "label_smoothing": self.label_smoothing,
                 "sft_weight": self.sft_weight, "blind": self.blind, "reference": self.reference_mode,
                 "average_logprob": self.average_logprob, "share_image_features": self.share_image_features,
-                "share_prompt": self.share_prompt}
+                "share_prompt": self.share_prompt, "response_format": self.response_format,
+                "length_rule": self.length_rule}
 
     def _frozen_copy(self) -> VLM:
         """The starting model, frozen. A frozen vision tower is shared rather than copied."""
@@ -175,7 +189,8 @@ class PreferenceModule(VLMModule):
         if stage == "predict":
             return PromptEncoder(self.processor)
         return PreferenceEncoder(self.processor, self.responses, require_reference=self.reference_mode == "precomputed",
-                                 average_logprob=self.average_logprob)
+                                 average_logprob=self.average_logprob, response_format=self.response_format,
+                                 length_rule=self.length_rule)
 
     # ------------------------------------------------------------------ log-probs
     def _features(self, pixel_values: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -235,18 +250,22 @@ class PreferenceModule(VLMModule):
         features, vision = self._features(batch.get("pixel_values"), k)
         policy = self._logps(self.vlm, batch, features).view(k, -1)
         reference = self.reference_logps(batch, vision).view(k, -1).to(policy.dtype)
-        losses = preference_loss(self.loss_type, policy[0], policy[1], reference[0], reference[1], self.beta,
-                                 self.label_smoothing)
-        chosen_rewards = implicit_rewards(policy[0], reference[0], self.beta)
-        rejected_rewards = implicit_rewards(policy[1], reference[1], self.beta)
+        # scored tokens per sequence (TRL's IPO divides by them); means already when average_logprob
+        tokens = None if self.average_logprob else (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).view(k, -1)
+
+        def pair(i: int) -> PairLogps:
+            return PairLogps(policy[0], policy[i], reference[0], reference[i], None if tokens is None else tokens[0],
+                             None if tokens is None else tokens[i])
+
+        losses, chosen_rewards, rejected_rewards = preference_loss(self.loss_type, pair(1), self.beta,
+                                                                   self.label_smoothing)
         stats = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                  "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                  "rewards/margins": chosen_rewards - rejected_rewards,
                  "logps/chosen": policy[0].detach(), "logps/rejected": policy[1].detach()}
         if self.blind == "sum":
-            losses = losses + preference_loss(self.loss_type, policy[0], policy[2], reference[0], reference[2],
-                                              self.beta, self.label_smoothing)
-            blind_rewards = implicit_rewards(policy[2], reference[2], self.beta)
+            blind_losses, _, blind_rewards = preference_loss(self.loss_type, pair(2), self.beta, self.label_smoothing)
+            losses = losses + blind_losses
             stats.update({"rewards/blind": blind_rewards, "logps/blind": policy[2].detach(),
                           "rewards/blind_accuracies": (chosen_rewards > blind_rewards).float(),
                           "rewards/blind_margins": chosen_rewards - blind_rewards})
@@ -269,9 +288,22 @@ class PreferenceModule(VLMModule):
                     prog_bar=("loss", "rewards/accuracies") if stage == "train" else ("rewards/accuracies",))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        for name, n in (batch.get("truncated_responses") or {}).items():
+            self.length_counts[name] = self.length_counts.get(name, 0) + int(n)
+        self.length_counts["pairs"] = self.length_counts.get("pairs", 0) + len(batch["ids"])
         loss, stats = self.compute_loss(batch)
         self._log_stats(stats, "train")
         return loss
+
+    def on_train_end(self) -> None:
+        """Say what the length rule did to the training data: pairs left out, responses cut (also on a
+        `KeyboardInterrupt`/preemption, which Lightning ends through this hook too)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        report = getattr(datamodule, "skip_report", None)
+        left_out = [row for row in (report.rows.get("train", []) if report is not None else [])
+                    if str(row.get("error", "")).startswith("left out")]
+        self.length_report = length_summary(self.length_counts, left_out, self.length_rule, self.response_format)
+        print(f"vlsafe: {self.length_report}", flush=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         _, stats = self.compute_loss(batch)
@@ -281,3 +313,17 @@ class PreferenceModule(VLMModule):
         responses = self.generate_batch(batch)
         return [{"id": i, "response": r, "reference": ref}
                 for i, r, ref in zip(batch["ids"], responses, batch["references"])]
+
+
+def length_summary(counts: dict[str, int], left_out: list[dict[str, str]], length_rule: str,
+                   response_format: str) -> str:
+    """One line: pairs trained, pairs the length rule left out (by field), responses it cut (by name)."""
+    from collections import Counter
+
+    by_field = Counter(row["field"] for row in left_out)
+    reasons = ", ".join(f"{'prompt too long' if f == 'messages' else f + ' too long'} {n}"
+                        for f, n in sorted(by_field.items()))
+    cut = ", ".join(f"{name} {n}" for name, n in counts.items() if name != "pairs")
+    return (f"preference data (length_rule={length_rule}, response_format={response_format}): "
+            f"{counts.get('pairs', 0)} pair(s) trained (padding repeats included); {len(left_out)} left out"
+            f"{f' ({reasons})' if reasons else ''}; responses cut to fit: {cut or 'none'}")

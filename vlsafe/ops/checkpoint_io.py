@@ -7,7 +7,11 @@ during it leaves a truncated `last.ckpt` that `--ckpt_path last` would pick; `/t
 checkpoint, and nothing is fsynced. `AtomicCheckpointIO` streams `torch.save` into a temporary file in the
 target's own directory, fsyncs it, renames it over the target (atomic on POSIX) and fsyncs the directory.
 A failed write (disk full, quota, I/O error) removes the temporary file and raises `CheckpointWriteError`
-naming the target; the previous checkpoint files are untouched. Temporary names (`.vlsafe-partial-*`)
+naming the target; the previous checkpoint files are untouched. torch reports a full disk as
+`RuntimeError: [enforce fail at inline_container.cc] unexpected pos`, with the `OSError` only in the
+exception chain, so the whole chain is searched. `check_writable` finds a read-only checkpoint folder at fit
+start instead of at the first save, and `load_checkpoint` reads through `checkpoint_guard.read_checkpoint`
+(weights_only=True, also for http(s) URLs). Temporary names (`.vlsafe-partial-*`)
 contain neither "last" nor "hpc_ckpt", so Lightning's `last`/`hpc` lookup never selects one; partial files
 left by a killed process are removed by the next save in that directory.
 """
@@ -18,6 +22,7 @@ import hashlib
 import logging
 import os
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +38,45 @@ _SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed; the file it would have replaced (if any) is unchanged."""
+
+
+class CheckpointFolderError(CheckpointWriteError):
+    """A checkpoint folder cannot be written; found at fit start, before the first step."""
+
+
+def os_error_in_chain(err: BaseException) -> OSError | None:
+    """The first `OSError` in `err`'s cause/context chain (torch wraps ENOSPC in a RuntimeError)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def check_writable(folders: list[Any]) -> None:
+    """Raise `CheckpointFolderError` naming the first local folder a checkpoint could not be written to.
+
+    A folder that does not exist yet is judged by its nearest existing parent (nothing is created); the test
+    is a real file created and removed there, because permission bits say nothing for root or read-only mounts.
+    """
+    for folder in dict.fromkeys(str(f) for f in folders if f is not None and _is_local(f)):
+        target = Path(folder.removeprefix("file://")).absolute()
+        existing = target
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+            fd, probe = tempfile.mkstemp(prefix=f"{PARTIAL_PREFIX}write-check-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise CheckpointFolderError(
+                err.errno, f"checkpoint folder {target} is not writable ({err.strerror or err}; checked in {existing})."
+                f" Checkpoints would fail at the first save: choose a writable dirpath / default_root_dir") from err
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -104,16 +148,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(temp, target)
         except BaseException as err:
             temp.unlink(missing_ok=True)
-            if isinstance(err, OSError) and err.errno in _SPACE_ERRORS:
+            os_error = os_error_in_chain(err) if isinstance(err, Exception) else None
+            if os_error is not None and os_error.errno in _SPACE_ERRORS:
                 raise CheckpointWriteError(
-                    err.errno, f"cannot write checkpoint {target}: {os.strerror(err.errno)} (disk full or quota "
-                    f"exceeded). Nothing was replaced: the checkpoints already in {target.parent} are intact. Free "
-                    f"space or point the checkpoint directory elsewhere, then resume from the last one") from err
-            if isinstance(err, OSError):
-                raise CheckpointWriteError(err.errno, f"cannot write checkpoint {target}: {err}; the checkpoints "
-                                                      f"already in {target.parent} are intact") from err
+                    os_error.errno, f"cannot write checkpoint {target}: {os.strerror(os_error.errno)} (disk full or "
+                    f"quota exceeded). Nothing was replaced: the checkpoints already in {target.parent} are intact. "
+                    f"Free space or point the checkpoint directory elsewhere, then resume from the last one") from err
+            if os_error is not None:
+                raise CheckpointWriteError(os_error.errno, f"cannot write checkpoint {target}: {os_error}; the "
+                                           f"checkpoints already in {target.parent} are intact") from err
             raise
         _fsync_directory(target.parent)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        """Every checkpoint Lightning restores (`--ckpt_path` file or URL, `last`, `hpc`) is read weights-only."""
+        from vlsafe.ops.checkpoint_guard import CheckpointLoadError, read_checkpoint
+
+        if weights_only is False:
+            raise CheckpointLoadError(f"{path}: weights_only=False was asked for; vlsafe never unpickles code from "
+                                      f"a checkpoint (leave weights_only unset or true)")
+        return read_checkpoint(path, map_location=map_location or "cpu")
 
     def _serialize(self, checkpoint: dict[str, Any], file: IO[bytes]) -> None:
         """Stream the checkpoint into `file` (no in-memory copy of the whole checkpoint)."""

@@ -8,10 +8,13 @@ may save at different steps. Here the handler only notes the signal; the checkpo
 the next optimiser step, at the same step on every rank (one all-reduce of a flag per step, under DDP).
 
 The checkpoint is `<trainer.default_root_dir>/hpc_ckpt_<N>.ckpt`, Lightning's name for preemption
-checkpoints: a job resubmitted under SLURM restores the newest one automatically; elsewhere, restart with
-`--ckpt_path hpc`. On the scheduler's requeue signal (SIGUSR1 under SLURM with auto-requeue, Lightning's
-default), rank 0 then runs `scontrol requeue <job>`. Finally the process exits (`exit_code`, default 0)
-without running validation or after-training evaluation, which may not fit in the grace period.
+checkpoints: a job resubmitted under SLURM resumes automatically; elsewhere, restart with `--ckpt_path hpc`.
+Either way the newest state by global step wins, this or a later `last.ckpt` (vlsafe.ops.resume), and a run
+that resumed past an hpc checkpoint moves it aside. Only this process handles the signals: dataloader workers,
+which SLURM and `kill -- -PGID` signal too, ignore them (vlsafe.ops.workers). On the scheduler's requeue
+signal (SIGUSR1 under SLURM with auto-requeue, Lightning's default), rank 0 then runs `scontrol requeue
+<job>`. Finally the process exits (`exit_code`, default 0) without running validation or after-training
+evaluation, which may not fit in the grace period.
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from vlsafe.ops.resume import HPC_CHECKPOINT, hpc_checkpoints, retire_superseded_hpc
+
 log = logging.getLogger(__name__)
-HPC_CHECKPOINT = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 
 
 class PreemptedExit(SystemExit):
@@ -38,10 +42,9 @@ class PreemptedExit(SystemExit):
 
 
 def next_hpc_checkpoint_path(root: str | Path) -> Path:
-    """`root/hpc_ckpt_<N+1>.ckpt` for the highest existing N (Lightning restores the highest)."""
-    root = Path(root)
-    numbers = [int(m.group(1)) for p in (root.iterdir() if root.is_dir() else ()) if (m := HPC_CHECKPOINT.match(p.name))]
-    return root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+    """`root/hpc_ckpt_<N+1>.ckpt` for the highest existing N (Lightning's numbering)."""
+    numbers = [int(HPC_CHECKPOINT.match(p.name).group(1)) for p in hpc_checkpoints(root)]
+    return Path(root) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 
 def slurm_job_id() -> str | None:
@@ -102,6 +105,8 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After Lightning registered its handlers (which would otherwise run first and save mid-step).
         self._last_step = trainer.global_step
+        if trainer.ckpt_path and trainer.is_global_zero:  # resumed: older hpc checkpoints must not win a requeue
+            retire_superseded_hpc(trainer.default_root_dir, trainer.global_step)
         for signum in self.signals:
             try:
                 self._previous[signum] = signal.signal(signum, self._note)

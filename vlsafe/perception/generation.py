@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlsafe.core.vlm import VLM, position_ids_from_mask
+from vlsafe.perception.features import perception_vision
 from vlsafe.perception.heads import LocContext, PerceptionHeads
 from vlsafe.perception.splice import splice_loc_embeddings, text_positions
 
@@ -58,8 +59,8 @@ def generate_with_perception(vlm: VLM, heads: PerceptionHeads, loc_token_id: int
     vision = features = None
     if pixel_values is not None and pixel_values.numel():
         pixel_values = vlm.vision.normalize(pixel_values)  # uint8 from the encoders; the pixel skip reads them too
-        vision = vlm.vision_features(pixel_values)
-        features = vlm.project(vision)
+        projected, vision = perception_vision(vlm, pixel_values, heads.layer_merge)
+        features = vlm.project(projected)
     embeddings = vlm.embed(input_ids, features)
     embeddings = splice_loc_embeddings(embeddings, input_ids, loc_token_id, heads.box_encoder(loc_boxes))
     mask = attention_mask.clone()

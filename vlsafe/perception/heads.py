@@ -14,8 +14,10 @@ Box decoder (`box_decoder` setting of `PerceptionHeads`):
 - `"mlp"`: the released head, an MLP on the `<loc>` hidden state (sigmoid cx, cy, w, h).
 
 Mask decoder design (ours, smaller than the released SAM decoder, for the reasons below):
-- Inputs: the `<loc>` hidden state (mapped to a prompt token) and the vision tower's patch features (the
-  same features the projector reads, so no second tower run), plus optionally the image pixels.
+- Inputs: the `<loc>` hidden state (mapped to a prompt token) and the vision tower's patch features, plus
+  optionally the image pixels. `vision_features="select_layer"`: the same features the projector reads;
+  `"merged"` (released): a learned softmax merge of the tower's layers from the same pass
+  (`vlsafe.perception.features`). Either way there is no second tower run.
 - The query tokens (a learned mask token, the box token with `box_decoder="image"`, and the prompt) go
   through `depth` two-way attention blocks in the SAM pattern (token self-attention, token->image
   cross-attention, MLP, image->token cross-attention) with a fixed 2-D sin-cos position code on the image
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlsafe.perception.boxes import cxcywh_to_xyxy
+from vlsafe.perception.features import VISION_FEATURES, LayerMerge, merged_state_count
 
 
 class MLP(nn.Module):
@@ -162,6 +165,7 @@ class MaskDecoderSettings:
     pixel_channels: int = 16
     read_question: bool = False  # the question's states join the query tokens (module docstring)
     question_layer: int = -1     # which LLM layer's states (an index into `hidden_states`; -1 = last)
+    vision_features: str = "select_layer"  # or "merged": released learned layer merge (vlsafe.perception.features)
 
 
 class MaskDecoder(nn.Module):
@@ -316,10 +320,18 @@ class PerceptionHeads(nn.Module):
     """
 
     def __init__(self, llm_hidden: int, vision_hidden: int, mask_size: int, box_hidden: int = 512,
-                 box_layers: int = 3, mask: MaskDecoderSettings | None = None, box_decoder: str = "image"):
+                 box_layers: int = 3, mask: MaskDecoderSettings | None = None, box_decoder: str = "image",
+                 vision_layers: int | None = None):
         super().__init__()
         if box_decoder not in BOX_DECODERS:
             raise ValueError(f"box_decoder must be one of {BOX_DECODERS}, got {box_decoder!r}")
+        source = (mask or MaskDecoderSettings()).vision_features
+        if source not in VISION_FEATURES:
+            raise ValueError(f"mask_decoder.vision_features must be one of {VISION_FEATURES}, got {source!r}")
+        if source == "merged" and not vision_layers:
+            raise ValueError("mask_decoder.vision_features='merged' needs the tower's block count (vision_layers)")
+        # released: learned softmax weights over the tower's hidden_states[:-1] (vlsafe.perception.features)
+        self.layer_merge = LayerMerge(merged_state_count(vision_layers)) if source == "merged" else None
         self.box_source = box_decoder
         self.box_decoder = BoxDecoder(llm_hidden, box_hidden, box_layers)
         self.box_encoder = BoxEncoder(llm_hidden, box_hidden, box_layers)

@@ -1,8 +1,11 @@
 """`HarmDetector`: batched P(safe) for (question, answer) pairs — the guard's gate and the eval judge.
 
-Inputs are formatted exactly as in training (`vlsafe.data.text_encoders.format_detector_input`). At
-inference nothing may be dropped, so an input longer than `max_length` tokens is cut to its first
-`max_length` tokens and counted in `self.truncated` (training refuses such samples instead).
+What it reads depends on the preset (vlsafe.data.protector_presets): `vlsafe` formats the pair exactly as in
+training (`"Question: {q}\\n\\nAnswer: {a}"`); `released` scores the bare answer, as the released evaluation does
+(robustness_eval.py:125), the input the released detector weights were used on. At inference nothing may be
+dropped, so an input longer than `max_length` tokens (vlsafe: the training cap; released: the tokenizer's
+model_max_length, `truncation=True`) is cut to its first `max_length` tokens and counted in `self.truncated`
+(training refuses such samples instead).
 """
 from __future__ import annotations
 
@@ -11,44 +14,59 @@ from typing import Any, Sequence
 
 import torch
 
-from vlsafe.data.text_encoders import DEFAULT_MAX_LENGTH, format_detector_input, pad_batch
+from vlsafe.data.protector_presets import get_preset
+from vlsafe.data.text_encoders import DEFAULT_MAX_LENGTH, format_detector_input, pad_batch, plain_text_ids
 
 
 class HarmDetector:
     """Score answers with a one-logit sequence classifier; label semantics 1 = safe."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int = DEFAULT_MAX_LENGTH,
-                 batch_size: int = 16, threshold: float = 0.5):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int | None = None,
+                 batch_size: int = 16, threshold: float = 0.5, preset: str = "vlsafe"):
+        self.preset = get_preset(preset)
+        if max_length is None:
+            model_max = getattr(tokenizer, "model_max_length", None)
+            max_length = model_max if self.preset.detector_cap_at_model_max and model_max else DEFAULT_MAX_LENGTH
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length, self.batch_size, self.threshold = max_length, batch_size, threshold
         self.truncated = 0
 
     @classmethod
     def from_module(cls, module: Any, **kwargs: Any) -> "HarmDetector":
-        """Wrap a (trained) `HarmDetectorModule`, sharing its weights."""
-        kwargs.setdefault("max_length", module.max_length)
+        """Wrap a (trained) `HarmDetectorModule`, sharing its weights; the preset defaults to the module's."""
+        kwargs.setdefault("preset", module.preset)
+        if get_preset(kwargs["preset"]).name == "vlsafe":
+            kwargs.setdefault("max_length", module.max_length)
         kwargs.setdefault("threshold", module.threshold)
         return cls(module.model, module.tokenizer, **kwargs)
 
     @classmethod
     def load(cls, path: str | Path, torch_dtype: str | None = None, device: str | None = None,
-             **kwargs: Any) -> "HarmDetector":
-        """From a vlsafe training checkpoint (`.ckpt`) or a standalone merged model folder."""
-        from vlsafe.protector.loading import load_hf_folder, load_text_module
+             preset: str | None = None, fallback_preset: str = "vlsafe", **kwargs: Any) -> "HarmDetector":
+        """From a vlsafe training checkpoint (`.ckpt`; its preset unless `preset` is given) or a standalone
+        merged model folder (the preset tools/merge_adapter.py recorded there, else `fallback_preset`)."""
+        from vlsafe.protector.loading import load_hf_folder, load_text_module, recorded_preset
 
         if Path(path).is_file():
             from vlsafe.methods.harm_detector import HarmDetectorModule
 
-            module = load_text_module(path, HarmDetectorModule)
-            detector = cls.from_module(module, **kwargs)
+            if preset is not None:
+                kwargs["preset"] = preset
+            detector = cls.from_module(load_text_module(path, HarmDetectorModule), **kwargs)
         else:
-            detector = cls(*load_hf_folder(path, "classifier", torch_dtype), **kwargs)
+            preset = preset or recorded_preset(path) or fallback_preset
+            detector = cls(*load_hf_folder(path, "classifier", torch_dtype), preset=preset, **kwargs)
         if device:
             detector.model.to(device)
         return detector
 
+    def input_text(self, question: str, answer: str) -> str:
+        """The exact text the detector reads for this pair."""
+        return format_detector_input(question, answer, self.preset.detector_inference_template, self.preset.strip)
+
     def encode(self, question: str, answer: str) -> list[int]:
-        ids = self.tokenizer(format_detector_input(question, answer))["input_ids"]
+        """Token ids as training makes them (`plain_text_ids`): a `</s>` quoted in an answer is text, not EOS."""
+        ids = plain_text_ids(self.tokenizer, self.input_text(question, answer))
         if len(ids) > self.max_length:
             self.truncated += 1
             ids = ids[:self.max_length]

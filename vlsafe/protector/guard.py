@@ -3,6 +3,11 @@
 For each batch: the VLM generates greedily → the detector gives P(safe) for every (question, answer)
 (batched) → answers with P(safe) < `threshold` are rewritten by the detoxifier (batched), or replaced by
 the fixed refusal when no detoxifier is configured. Answers at or above the threshold pass unchanged.
+
+As released (llava/eval/robustness_eval.py:102-140): greedy decoding, up to 1024 new tokens, threshold 0.5, the
+refusal "Sorry, but I can't help you with your request."; shorter answers are an explicit `max_new_tokens`
+(a short cap hides harmful continuations from the detector and from any judge). What the detector and the
+detoxifier read is their preset's business (`HarmDetector`/`Detoxifier`, vlsafe.data.protector_presets).
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ from vlsafe.data.schema import Sample
 from vlsafe.data.text_encoders import REFUSAL, sample_question
 from vlsafe.protector.detector import HarmDetector
 from vlsafe.protector.detoxifier import Detoxifier
+
+#: the released evaluation's answer length: `model.generate(..., max_new_tokens=1024)` (robustness_eval.py:110)
+RELEASED_VLM_MAX_NEW_TOKENS = 1024
 
 
 @dataclass
@@ -38,7 +46,8 @@ class GuardedGenerator:
     """VLM → detector → (detoxifier | fixed refusal). `vlm`/`processor` are the vlsafe core and its processor."""
 
     def __init__(self, vlm: Any, processor: Any, detector: HarmDetector, detoxifier: Detoxifier | None = None,
-                 threshold: float = 0.5, refusal: str = REFUSAL, max_new_tokens: int = 64, batch_size: int = 16):
+                 threshold: float = 0.5, refusal: str = REFUSAL, max_new_tokens: int = RELEASED_VLM_MAX_NEW_TOKENS,
+                 batch_size: int = 16):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.vlm, self.processor = vlm, processor

@@ -3,8 +3,8 @@
 Layout: `processed_questions/{scenario}.json` (a dict keyed by "0", "1", ... with `Question`,
 `Rephrased Question`, `Rephrased Question(SD)`, ...) and `imgs/{scenario}/{SD|SD_TYPO|TYPO}/{id}.jpg`.
 Query/image pairing is MM-SafetyBench's standard one (SD ↔ `Rephrased Question(SD)`, SD_TYPO and TYPO ↔
-`Rephrased Question`, TEXT ↔ `Question` without an image); the released MLLM-Protector evaluation pairs
-TYPO with `Rephrased Question(SD)`, which we do not copy.
+`Rephrased Question`, TEXT ↔ `Question` without an image). The released MLLM-Protector evaluation pairs
+TYPO with `Rephrased Question(SD)` (llava/eval/robustness_eval.py:71); `pairing="released"` copies that.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterator, MutableMapping
 
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError, is_blank
 
 SCENARIOS = ("01-Illegal_Activitiy", "02-HateSpeech", "03-Malware_Generation", "04-Physical_Harm", "05-EconomicHarm",
              "06-Fraud", "07-Sex", "08-Political_Lobbying", "09-Privacy_Violence", "10-Legal_Opinion",
@@ -20,6 +20,9 @@ SCENARIOS = ("01-Illegal_Activitiy", "02-HateSpeech", "03-Malware_Generation", "
 QUESTION_FIELD = {"SD": "Rephrased Question(SD)", "SD_TYPO": "Rephrased Question", "TYPO": "Rephrased Question",
                   "TEXT": "Question"}
 KINDS = tuple(QUESTION_FIELD)
+#: the released MLLM-Protector evaluation's pairing (robustness_eval.py:71-73): TYPO reads `Rephrased Question(SD)`
+RELEASED_QUESTION_FIELD = {**QUESTION_FIELD, "TYPO": "Rephrased Question(SD)"}
+PAIRINGS = {"mmsafetybench": QUESTION_FIELD, "released": RELEASED_QUESTION_FIELD}
 
 
 def available_scenarios(root: str | Path) -> list[str]:
@@ -31,9 +34,13 @@ def available_scenarios(root: str | Path) -> list[str]:
 
 def read_mmsafetybench(root: str | Path, scenarios: list[str] | None = None, kinds: tuple[str, ...] = ("SD", "SD_TYPO",
                        "TYPO"), errors: list[dict[str, str]] | None = None,
-                       stats: MutableMapping[str, int] | None = None) -> Iterator[Sample]:
+                       stats: MutableMapping[str, int] | None = None, pairing: str = "mmsafetybench"
+                       ) -> Iterator[Sample]:
     """Prompts `{scenario}/{kind}/{id}` in scenario, item, kind order. With `errors` given, items whose
-    question or image is missing are recorded and skipped; otherwise they raise `SampleError`."""
+    question or image is missing are recorded and skipped; otherwise they raise `SampleError`. `pairing`:
+    "mmsafetybench" (the benchmark's own) or "released" (MLLM-Protector's evaluation)."""
+    if pairing not in PAIRINGS:
+        raise ValueError(f"unknown pairing {pairing!r}; use one of {sorted(PAIRINGS)}")
     root = Path(root)
     unknown = [k for k in kinds if k not in QUESTION_FIELD]
     if unknown:
@@ -56,7 +63,7 @@ def read_mmsafetybench(root: str | Path, scenarios: list[str] | None = None, kin
             for kind in kinds:
                 sample_id = f"{scenario}/{kind}/{qid}"
                 try:
-                    yield _sample(root, scenario, kind, qid, items[qid], sample_id)
+                    yield _sample(root, scenario, kind, qid, items[qid], sample_id, PAIRINGS[pairing][kind])
                 except SampleError as err:
                     if errors is None:
                         raise
@@ -64,11 +71,10 @@ def read_mmsafetybench(root: str | Path, scenarios: list[str] | None = None, kin
                     stats["skipped"] = stats.get("skipped", 0) + 1
 
 
-def _sample(root: Path, scenario: str, kind: str, qid: str, item: dict, sample_id: str) -> Sample:
-    field = QUESTION_FIELD[kind]
+def _sample(root: Path, scenario: str, kind: str, qid: str, item: dict, sample_id: str, field: str) -> Sample:
     question = item.get(field) if isinstance(item, dict) else None
-    if not isinstance(question, str) or not question.strip():
-        raise SampleError(sample_id, field, "is missing or empty")
+    if not isinstance(question, str) or is_blank(question):
+        raise SampleError(sample_id, field, "is missing or empty (or only whitespace/zero-width characters)")
     meta = {"source": "mmsafetybench", "scenario": scenario, "kind": kind, "question_id": qid,
             "should_refuse": True}
     if kind == "TEXT":

@@ -3,6 +3,12 @@
 Used by tests/reliability/test_security.py over the whole package and tools: weights must load through
 safetensors or `torch.load(..., weights_only=True)`, nothing may call pickle-family loaders, and
 `trust_remote_code` may only ever be passed through from a recipe, never hard-coded to True.
+
+Loads Lightning does on our behalf count too: `trainer.fit/validate/test/predict(..., ckpt_path=...)`,
+`load_from_checkpoint`, `strategy/checkpoint_io.load_checkpoint`, Lightning's `pl_load`/`_load` and
+`torch.hub.load_state_dict_from_url` (Lightning's path for http(s) checkpoints, weights_only=False by
+default) must all say `weights_only=True`. What a static scan cannot see (the CLI's own `ckpt_path`, `last`,
+`hpc`) is forced at run time by `vlsafe.ops.checkpoint_guard` and tested with real payloads.
 """
 from __future__ import annotations
 
@@ -39,6 +45,20 @@ def _forced_nodes(tree: ast.AST) -> set[int]:
     return inside
 
 
+# Calls that load a checkpoint inside Lightning or torch.hub (last name of the dotted call).
+LIGHTNING_LOADERS = {"load_from_checkpoint", "load_checkpoint", "pl_load", "load_state_dict_from_url"}
+TRAINER_ENTRY_POINTS = {"fit", "validate", "test", "predict"}
+
+
+def _lightning_load(name: str, keywords: dict[str, ast.AST]) -> bool:
+    last = name.split(".")[-1]
+    if last in LIGHTNING_LOADERS or name.endswith("cloud_io._load"):
+        return True
+    ckpt = keywords.get("ckpt_path")
+    return last in TRAINER_ENTRY_POINTS and ckpt is not None and not (isinstance(ckpt, ast.Constant)
+                                                                      and ckpt.value is None)
+
+
 def unsafe_calls(source: str, filename: str = "<string>") -> list[str]:
     """`file:line: problem` for each unsafe load in `source`."""
     problems = []
@@ -57,6 +77,11 @@ def unsafe_calls(source: str, filename: str = "<string>") -> list[str]:
         parts = name.split(".")
         if len(parts) == 2 and parts[0] in PICKLE_MODULES and parts[1] in PICKLE_LOADERS:
             problems.append(f"{where}: {name}(...) unpickles")
+        if _lightning_load(name, keywords) and id(node) not in forced:
+            flag = keywords.get("weights_only")
+            if not (isinstance(flag, ast.Constant) and flag.value is True):
+                problems.append(f"{where}: {name}(...) makes Lightning/torch.hub load a checkpoint without "
+                                f"weights_only=True")
         if name.endswith("torch.load") and id(node) not in forced:
             flag = keywords.get("weights_only")
             if not (isinstance(flag, ast.Constant) and flag.value is True):

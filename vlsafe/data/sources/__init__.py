@@ -8,15 +8,23 @@ source never edits the tool):
 - ``cli_samples(args, errors, stats) -> Iterable[Sample]``: the samples to write. ``errors`` is a list when
   the user chose ``--on-error skip`` (append ``{id, field, error}`` rows and go on) and ``None`` otherwise
   (raise ``SampleError``); ``stats`` is a ``Counter`` printed after the run.
+
+The tool passes every converter's samples through `warn_long_texts`, so a text field over the processor's
+`max_text_chars` is reported at conversion time with its sample id, not first by a training run.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 from types import ModuleType
-from typing import MutableMapping
+from typing import Iterable, Iterator, MutableMapping
 
-from vlsafe.data.schema import SampleError
+from vlsafe.data.schema import Sample, SampleError, default_max_text_chars
+
+log = logging.getLogger(__name__)
+#: Long-text warnings logged one by one before only the count goes on (in `stats["long_text"]`).
+MAX_LONG_TEXT_WARNINGS = 10
 
 
 def skip_or_raise(err: SampleError, where: str, errors: list[dict[str, str]] | None,
@@ -28,6 +36,27 @@ def skip_or_raise(err: SampleError, where: str, errors: list[dict[str, str]] | N
     if errors is None:
         raise SampleError(err.sample_id, err.field_name, err.problem, where) from None
     errors.append({"id": err.sample_id, "field": err.field_name, "error": err.problem})
+
+
+def warn_long_texts(samples: Iterable[Sample], stats: MutableMapping[str, int] | None = None,
+                    limit: int | None = None) -> Iterator[Sample]:
+    """Pass `samples` through, warning about each one with a text longer than `limit` characters (default: the
+    processor's `max_text_chars`, env `VLSAFE_MAX_TEXT_CHARS`): it converts, but training and evaluation will
+    refuse it as a `SampleError`, so the user hears of it now, with the sample id, field and length."""
+    limit = default_max_text_chars() if limit is None else limit
+    for sample in samples:
+        long_fields = [(name, len(text)) for name, text in sample.text_fields() if len(text) > limit]
+        if long_fields:
+            count = stats["long_text"] + 1 if stats is not None else 1
+            if stats is not None:
+                stats["long_text"] = count
+            if count <= MAX_LONG_TEXT_WARNINGS:
+                fields = ", ".join(f"{name!r} ({length:,} characters)" for name, length in long_fields)
+                log.warning("sample %r: %s over max_text_chars=%s; it is written, but training and evaluation "
+                            "will refuse it unless the cap is raised (VLSAFE_MAX_TEXT_CHARS)%s", sample.id, fields,
+                            f"{limit:,}", "; further long samples are only counted (long_text)"
+                            if count == MAX_LONG_TEXT_WARNINGS else "")
+        yield sample
 
 
 def cli_sources() -> list[ModuleType]:

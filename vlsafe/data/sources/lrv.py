@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, MutableMapping, Sequence
 
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError, is_blank
 from vlsafe.data.sources import skip_or_raise
 from vlsafe.data.sources.llava import load_json_list
 
@@ -53,8 +53,9 @@ def lrv_record_to_sample(row: Any, image_folder: str | Path | None, position: in
     values = {}
     for field_name in ("question", "answer", "task"):
         value = row.get(field_name)
-        if not isinstance(value, str) or not value.strip():
-            raise SampleError(sample_id, field_name, f"must be a non-empty string, got {value!r:.60}")
+        if not isinstance(value, str) or is_blank(value):
+            raise SampleError(sample_id, field_name, f"must be a non-empty string (not only whitespace or "
+                                                     f"zero-width characters), got {value!r:.60}")
         values[field_name] = value.strip()
     if IMAGE_PLACEHOLDER in values["question"] or IMAGE_PLACEHOLDER in values["answer"]:
         raise SampleError(sample_id, "question", f"contains {IMAGE_PLACEHOLDER}; LRV questions are plain text")

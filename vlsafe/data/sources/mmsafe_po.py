@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, MutableMapping
 
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError, is_blank
 from vlsafe.data.sources import skip_or_raise
 from vlsafe.data.sources.llava import load_json_list
 from vlsafe.data.templates import LLAVA_SYSTEM, VICUNA_SYSTEM
@@ -67,7 +67,7 @@ def _parse(text: str) -> tuple[list[dict[str, str]], Counter]:
     notes: Counter = Counter()
     if not isinstance(text, str):
         raise ValueError(f"must be a string, got {type(text).__name__}")
-    if not text.strip():
+    if is_blank(text):
         raise ValueError("is empty")
     tags = _role_tags(text)
     prefix = text[:tags[0].start()].strip() if tags else text.strip()
@@ -301,7 +301,7 @@ def mmsafe_po_record_to_sample(record: Any, image_folder: str | Path | None, sta
     meta: dict[str, Any] = {"source": SOURCE}
     meta.update({key: record[key] for key in META_FIELDS if key in record})
     text_prompt = record.get("text_prompt")
-    if isinstance(text_prompt, str) and text_prompt.strip():
+    if isinstance(text_prompt, str) and not is_blank(text_prompt):
         try:
             blind = blind_prompt_messages(text_prompt)
         except ValueError as err:

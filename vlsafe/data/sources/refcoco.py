@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from vlsafe.data.perception_templates import (BOXES_PLACEHOLDER, MASKS_PLACEHOLDER, REC_ANSWER, REC_TEMPLATES,
                                               RES_ANSWER, RES_TEMPLATES, fill_expression)
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError, is_blank
 from vlsafe.data.sources import skip_or_raise
 from vlsafe.perception.boxes import normalise_boxes
 
@@ -133,8 +133,9 @@ def refcoco_record_to_sample(record: dict[str, Any], sample_id: str, image_folde
         if key not in record:
             raise SampleError(sample_id, key, "is missing")
     expression = record["expression"]
-    if not isinstance(expression, str) or not expression.strip():
-        raise SampleError(sample_id, "expression", "must be a non-empty string")
+    if not isinstance(expression, str) or is_blank(expression):
+        raise SampleError(sample_id, "expression", f"must be a non-empty string (not only whitespace or zero-width "
+                                                   f"characters), got {expression!r:.60}")
     width, height = _number(record, "width", sample_id), _number(record, "height", sample_id)
     bbox = record["bbox"]
     if (not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox)

@@ -7,7 +7,8 @@ These are the harm detector's and the detoxifier's training data (MLLM-Protector
   is_response_1_safe`) become `Sample(messages=[user prompt], chosen=<safer response>, rejected=<other>,
   labels={"chosen_safe", "rejected_safe"})` — exactly the shape of the synthetic world's `harm_text`.
   If the row has PKU's `response_{i}_harm_category` dicts, `meta.category` is the first harm category
-  flagged for the less safe response (else "none").
+  flagged for the less safe response (else "none"). Prompt and responses are kept byte for byte (the
+  released scripts use them unstripped; `vlsafe.data.protector_presets` decides whether to strip).
 - **Single responses** (`--format single`): a question, a response and a label become
   `Sample(messages=[user question, assistant response], labels={"safe": 0|1})`. The released
   harmful_vs_unharmful file's schema could not be read, so field names are options with common defaults
@@ -24,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, MutableMapping
 
-from vlsafe.data.schema import Sample, SampleError
+from vlsafe.data.schema import Sample, SampleError, is_blank
 from vlsafe.data.sources import skip_or_raise
 from vlsafe.data.sources.llava import load_json_list
 
@@ -35,12 +36,13 @@ SAFE_LABEL_FIELDS = ("is_safe", "safe")
 HARMFUL_LABEL_FIELDS = ("is_harmful", "harmful", "is_unsafe", "unsafe")
 
 
-def _text(record: dict[str, Any], key: str, sample_id: str) -> str:
+def _text(record: dict[str, Any], key: str, sample_id: str, strip: bool = True) -> str:
     value = record.get(key)
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or is_blank(value):
         raise SampleError(sample_id, key, "is missing" if value is None else
-                          f"must be a non-empty string, got {value!r:.80}")
-    return value.strip()
+                          f"must be a non-empty string (not only whitespace or zero-width characters), "
+                          f"got {value!r:.80}")
+    return value.strip() if strip else value
 
 
 def _flag(value: Any, sample_id: str, key: str) -> float:
@@ -75,8 +77,9 @@ def pair_record_to_sample(record: Any, position: int, prefix: str = "saferlhf",
     if not isinstance(record, dict):
         raise SampleError(f"{prefix}-{position}", "row", f"must be a JSON object, got {type(record).__name__}")
     sample_id = _row_id(record, prefix, position)
-    prompt = _text(record, "prompt", sample_id)
-    responses = [_text(record, f"response_{i}", sample_id) for i in (0, 1)]
+    # kept exactly as stored: the released scripts concatenate them as they are; the vlsafe preset strips
+    prompt = _text(record, "prompt", sample_id, strip=False)
+    responses = [_text(record, f"response_{i}", sample_id, strip=False) for i in (0, 1)]
     safe = [_flag(record.get(f"is_response_{i}_safe"), sample_id, f"is_response_{i}_safe") for i in (0, 1)]
     safer = record.get("safer_response_id")
     if isinstance(safer, str) and safer.strip() in ("0", "1"):

@@ -20,20 +20,30 @@ Evaluation form (`vlguard_eval_samples`) follows the released `utils.load_data`:
 their instruction), `safe_unsafes` (safe images, the unsafe instruction), `safe_safes` (safe images, the
 safe instruction), each a one-turn prompt `"<image>\\n" + question` ending with the user turn.
 
+Evaluation needs only the instructions: the public `test.json` has 17 safe rows whose response to the safe
+instruction is an empty string (one `HOD_img_*`, sixteen `PrivacyAlert_test_*`), and they are kept, with
+`meta["reference"] = None` ("no reference"), so the subsets have the released 442 / 558 / 558 prompts.
+Training still requires every response. A repeated `id` (the public `train.json` has one, with different
+content) is logged as a warning and counted in `stats["duplicate_ids"]`; evaluation prompts of a repeated
+id get `@row<position>` appended to their sample id, so answer caches keep them apart.
+
 Rows that break these rules raise `SampleError` naming `vlguard-<id>` and the field; with an `errors` list
 they are counted and skipped instead. A skipped safe row still consumes its shuffle, so every other
 conversation keeps exactly the turn order of the released conversion.
 """
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, MutableMapping
 
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError, is_blank
 from vlsafe.data.sources import skip_or_raise
 from vlsafe.data.sources.llava import llava_record_to_sample, load_json_list
+
+log = logging.getLogger(__name__)
 
 SOURCE = "vlguard"
 SUBSETS = ("unsafes", "safe_unsafes", "safe_safes")
@@ -52,12 +62,14 @@ def _row_id(row: Any, position: int | None) -> str:
     return f"vlguard-{raw}"
 
 
-def _check_row(row: Any, position: int | None) -> tuple[str, list[tuple[str, str, str]]]:
+def _check_row(row: Any, position: int | None,
+               need_response: bool = True) -> tuple[str, list[tuple[str, str, str | None]]]:
     """Validate one released row; return (sample id, [(instruction key, instruction, response), ...]).
 
     The entries are returned in the row's order; the instruction key of an entry is its first key, as the
     released script reads it (`list(d.values())[0]`), and it must be an instruction key (the released script
-    would silently use whatever came first).
+    would silently use whatever came first). With `need_response=False` (evaluation) a missing or empty
+    response is returned as None instead of refused.
     """
     sample_id = _row_id(row, position)
     if not isinstance(row, dict):
@@ -90,11 +102,16 @@ def _check_row(row: Any, position: int | None) -> tuple[str, list[tuple[str, str
         if key not in expected:
             raise SampleError(sample_id, where, f"first key must be one of {list(expected)} for a "
                                                 f"{'safe' if safe else 'unsafe'} image, got {key!r}")
-        for field_name in (key, "response"):
-            value = entry.get(field_name)
-            if not isinstance(value, str) or not value.strip():
-                raise SampleError(sample_id, f"{where}.{field_name}", f"must be a non-empty string, got {value!r:.60}")
-        out.append((key, entry[key], entry["response"]))
+        instruction, response = entry.get(key), entry.get("response")
+        if not isinstance(instruction, str) or is_blank(instruction):
+            raise SampleError(sample_id, f"{where}.{key}", f"must be a non-empty string (not only whitespace or "
+                                                           f"zero-width characters), got {instruction!r:.60}")
+        if need_response and (not isinstance(response, str) or is_blank(response)):
+            raise SampleError(sample_id, f"{where}.response", f"must be a non-empty string (not only whitespace or "
+                                                              f"zero-width characters), got {response!r:.60}")
+        if not need_response and response is not None and not isinstance(response, str):
+            raise SampleError(sample_id, f"{where}.response", f"must be a string, got {response!r:.60}")
+        out.append((key, instruction, response if response and not is_blank(response) else None))
     if sorted(k for k, _, _ in out) != sorted(expected):
         raise SampleError(sample_id, "instr-resp", f"needs one entry each of {list(expected)}, got "
                                                    f"{[k for k, _, _ in out]}")
@@ -109,6 +126,24 @@ def _meta(row: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def _note_duplicate(seen: dict[str, int], row: Any, position: int, where: str,
+                    stats: MutableMapping[str, int], report: bool = True) -> int | None:
+    """Position of the first row with this row's id, if any (then, with `report`, a warning is logged and
+    counted)."""
+    raw = row.get("id") if isinstance(row, dict) else None
+    if raw is None:
+        return None
+    key = str(raw)
+    if key not in seen:
+        seen[key] = position
+        return None
+    if not report:
+        return seen[key]
+    stats["duplicate_ids"] += 1
+    log.warning("%s: row %d repeats the id %r of row %d; both rows are kept", where, position, key, seen[key])
+    return seen[key]
+
+
 def _image_path(image_folder: str | Path | None, image: str) -> str:
     return str(Path(image_folder) / image) if image_folder else image
 
@@ -118,8 +153,10 @@ def _converted(rows: Iterable[Any], errors: list[dict[str, str]] | None, stats: 
                where: str) -> Iterator[tuple[dict[str, Any], str, list[tuple[str, str, str]]]]:
     """(row, sample id, entries in conversation order) per usable row, shuffled as the released script does."""
     rng = random.Random(CONVERSION_SEED)
+    seen: dict[str, int] = {}
     for position, row in enumerate(rows):
         stats["rows"] += 1
+        _note_duplicate(seen, row, position, where, stats)
         entries = row.get("instr-resp") if isinstance(row, dict) else None
         order = list(range(len(entries))) if isinstance(entries, list) else []
         if isinstance(row, dict) and row.get("safe") and isinstance(entries, list):
@@ -180,14 +217,16 @@ def vlguard_training_samples(json_paths: str | Path | list[str | Path], image_fo
 # --------------------------------------------------------------------------------------- evaluation form
 def vlguard_eval_samples(test_json: str | Path | list[dict[str, Any]], images: str | Path | None, subset: str,
                          errors: list[dict[str, str]] | None = None,
-                         stats: MutableMapping[str, int] | None = None) -> list[Sample]:
+                         stats: MutableMapping[str, int] | None = None,
+                         report_duplicates: bool = True) -> list[Sample]:
     """Prompts of one evaluation subset (`unsafes`, `safe_unsafes` or `safe_safes`), in file order.
 
     Each sample is a single user turn `"<image>\n" + question` (what VLGuard's `model_inference` sends)
     with `meta`: `subset`, `should_refuse` (True for `unsafes` and `safe_unsafes`), `reference` (the
-    dataset's response to that instruction), `image` (the relative path, which keys VLGuard's result
-    files and the GPT-4V reference answers) and the categories. Ids are `vlguard-<subset>-<id>`.
-    `test_json` may be a path or the already-loaded list of rows.
+    dataset's response to that instruction, None when empty), `image` (the relative path, which keys
+    VLGuard's result files and the GPT-4V reference answers) and the categories. Ids are
+    `vlguard-<subset>-<id>` (`@row<position>` appended for a repeated id). `test_json` may be a path or the
+    already-loaded list of rows.
     """
     if subset not in SUBSETS:
         raise ValueError(f"unknown VLGuard subset {subset!r}; choose from {SUBSETS}")
@@ -196,9 +235,11 @@ def vlguard_eval_samples(test_json: str | Path | list[dict[str, Any]], images: s
     rows = load_json_list(test_json) if isinstance(test_json, (str, Path)) else test_json
     want_safe = subset != "unsafes"
     out = []
+    seen: dict[str, int] = {}
     for position, row in enumerate(rows):
+        first = _note_duplicate(seen, row, position, where, stats, report_duplicates)
         try:
-            sample_id, entries = _check_row(row, position)
+            sample_id, entries = _check_row(row, position, need_response=False)
         except SampleError as err:
             skip_or_raise(err, f"{where} row {position}", errors, stats)
             continue
@@ -207,7 +248,10 @@ def vlguard_eval_samples(test_json: str | Path | list[dict[str, Any]], images: s
         key, question, response = next(e for e in entries if _SUBSET_OF_KEY[e[0]] == subset)
         meta = {**_meta(row), "subset": subset, "should_refuse": SHOULD_REFUSE[subset], "reference": response,
                 "instruction_key": key}
-        out.append(Sample(id=f"vlguard-{subset}-{row['id']}", images=[_image_path(images, row["image"])],
+        if response is None:
+            stats[f"{subset}_without_reference"] += 1
+        suffix = "" if first is None else f"@row{position}"
+        out.append(Sample(id=f"vlguard-{subset}-{row['id']}{suffix}", images=[_image_path(images, row["image"])],
                           messages=[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question.strip()}"}],
                           meta=meta, labels={"image_safe": float(row["safe"]),
                                              "request_safe": float(not SHOULD_REFUSE[subset])}))
@@ -237,8 +281,15 @@ def cli_samples(args, errors: list[dict[str, str]] | None, stats: MutableMapping
         for path in args.json:
             rows = load_json_list(path)
             for subset in args.eval_subsets:
-                # malformed rows are reported once, by the first subset
-                first = subset == args.eval_subsets[0]
-                yield from vlguard_eval_samples(rows if not first else path, args.images, subset,
-                                                errors if first else [], stats if first else Counter())
+                if subset == args.eval_subsets[0]:
+                    yield from vlguard_eval_samples(path, args.images, subset, errors, stats)
+                    continue
+                # malformed rows and repeated ids are reported once, by the first subset; every subset counts
+                # its own prompts
+                local: Counter = Counter()
+                samples = vlguard_eval_samples(rows, args.images, subset, [], local, report_duplicates=False)
+                for key in (subset, f"{subset}_without_reference"):
+                    if local[key]:
+                        stats[key] += local[key]
+                yield from samples
     return prompts()

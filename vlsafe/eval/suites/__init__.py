@@ -27,7 +27,10 @@ from types import ModuleType
 from typing import Any, Sequence
 
 #: options every generating suite understands (see `suite_answers`)
-GENERATION_OPTIONS = {"max_samples", "max_new_tokens", "template", "on_error"}
+GENERATION_OPTIONS = {"max_samples", "max_new_tokens", "template", "on_error", "image_preprocess"}
+#: a rate `name` comes with `name + DENOMINATOR` (what it is a share of) and, when a judge decides it,
+#: `name + UNJUDGED` (prompts without a usable verdict: failed requests, unparsable replies; in neither count)
+DENOMINATOR, UNJUDGED = "_n", "_unjudged"
 
 
 @dataclass
@@ -87,15 +90,26 @@ def existing_path(options: dict[str, Any], key: str, suite: str) -> Path:
     return path
 
 
+def image_preprocess(options: dict[str, Any], default: str, suite: str) -> str:
+    """The suite's `image_preprocess` option (`pad` | `crop` | `resize`), else the suite's default (what the
+    benchmark's released script does)."""
+    from vlsafe.eval.image_preprocess import check_image_preprocess
+
+    return check_image_preprocess(options.get("image_preprocess", default), suite)
+
+
 def suite_answers(model, samples, options: dict[str, Any], out_dir: str | Path, *, batch_size: int, progress: bool,
                   desc: str, template: str | None = None, max_new_tokens: int = 256,
-                  min_new_tokens: int | None = None):
+                  min_new_tokens: int | None = None, image_preprocess: str = "pad", preset: str = "greedy",
+                  seed: int = 0):
     """`generate_answers` with the suite's cache (`out_dir/answers.jsonl`) and generation options
-    (`max_new_tokens`, `template`, `on_error`), falling back to the suite's defaults."""
+    (`max_new_tokens`, `template`, `on_error`, `image_preprocess`), falling back to the suite's defaults."""
     from vlsafe.eval.generation import GenerationConfig, generate_answers
 
     config = GenerationConfig(max_new_tokens=int(options.get("max_new_tokens", max_new_tokens)),
-                              min_new_tokens=min_new_tokens, template=options.get("template", template))
+                              min_new_tokens=min_new_tokens, template=options.get("template", template),
+                              image_preprocess=options.get("image_preprocess", image_preprocess), preset=preset,
+                              seed=seed)
     return generate_answers(model, samples, config, cache_path=Path(out_dir) / "answers.jsonl",
                             model_id=getattr(model, "eval_identity", None), batch_size=batch_size,
                             progress=progress, on_error=options.get("on_error", "raise"), desc=desc)
@@ -104,3 +118,13 @@ def suite_answers(model, samples, options: dict[str, Any], out_dir: str | Path, 
 def percent(numerator: float, denominator: int) -> float:
     """A percentage rounded to 2 decimals (the released VLGuard script's convention); 0.0 when empty."""
     return round(numerator / denominator * 100, 2) if denominator else 0.0
+
+
+def add_rate(metrics: dict[str, Any], name: str, hits: int, judged: int, unjudged: int | None = None) -> None:
+    """`metrics[name]` = hits / judged in percent (None when nothing was judged: an empty rate is no rate),
+    `name_n` = judged and, for a judged rate, `name_unjudged`: prompts left out of both counts because the
+    judge gave no usable verdict. A failed judgement is never counted as safe or unsafe."""
+    metrics[name] = percent(hits, judged) if judged else None
+    metrics[name + DENOMINATOR] = judged
+    if unjudged is not None:
+        metrics[name + UNJUDGED] = unjudged

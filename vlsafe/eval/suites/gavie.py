@@ -1,25 +1,33 @@
 """GAVIE (LRV-Instruction): a text-only judge scores answers for relevancy and accuracy (0-10) from the
 image's Visual Genome dense captions with boxes, without seeing the image.
 
-The judge prompt is built as the released `prompts/GAVIE.txt` / `Evaluation/evaluate.py` lay it out: the
-box header, one `"{caption} X:{x} Y:{y} Width:{w} Height:{h}"` line per dense caption, the instruction, the
-answers (`Answer1: ...`; one prompt can score several models' answers), the two criteria and the output
-format, relevancy block first. Two released bugs are not copied: `evaluate.py` writes the box width as the
-height (`height_bug: true` reproduces it, e.g. to compare with prompts made by that script), and it reads the
-instruction from `instruction` while `evaluation_set.json` stores `question` (both keys are accepted here).
+The judge prompt is byte for byte the one the released `Evaluation/evaluate.py:16-36` writes: the box header,
+`bounding box:`, one `"{caption} X:{x} Y:{y} Width:{w} Height:{h}"` line per dense caption (numbers as
+Python's `str`), two blank lines, the instruction, the answers (`Answer1: ...`; one prompt can score several
+models' answers), the two criteria and the output format, relevancy block first, ending in a blank line.
+Two released bugs are not copied: `evaluate.py` writes the box width as the height (`height_bug: true`
+reproduces it, and with it the prompt is the released one exactly), and it reads the instruction from
+`instruction` while `evaluation_set.json` stores `question` (both keys are accepted here).
 
 Scores are parsed per block ("Relevancy"/"relevancy", "Accuracy", markdown decorations tolerated) from
 `score of (the) answer<k>: <number>`; a missing, non-numeric or out-of-range score is counted as unparsed,
 never as 0. GAVIE-Accuracy / GAVIE-Relevancy are the means of the parsed scores, overall and per `task`
-(when the evaluation set has one).
+(when the evaluation set has one), each with its denominator (`gavie/accuracy_n`) and the number of prompts
+without a usable score (`gavie/accuracy_unjudged`), which `tools/evaluate.py` fails the run on.
+
+Answers: `generation: lrv` (default) samples as LRV-Instruction's released inference does
+(`utils/inference.py:420-427`: top-k 3, top-p 0.9, temperature 1, no repeated 2-grams, 512 new tokens; seeded
+by `seed`, 0); `generation: greedy` decodes greedily. Images: `image_preprocess: crop` (default; LRV's V2
+model, mPLUG-Owl, uses a CLIP-style processor: resize + centre crop, UNVERIFIED for its exact settings);
+LRV's V1 MiniGPT-4 squashes to a square (`resize`).
 
 Options: `evaluation_set` (JSON list of `{image_id, question}`), `annotations` (`vg_annotation.json`,
 image id -> `[{caption, bbox: [x, y, w, h]}]`), `images` (folder with `{image_id}.jpg`), `judge` (an endpoint;
 without one, answers and judge prompts are written and no score is computed), `height_bug` (false),
 `judge_max_tokens` (1024), `compare` (`{name: predictions.jsonl}` of other models' runs of this suite: their
 answers are scored in the same prompts as Answer2, Answer3, ..., as GAVIE ranks several models at once; metrics
-`gavie/compare/<name>/...`), `max_samples`, `max_new_tokens` (512, LRV's inference setting), `template`,
-`on_error`.
+`gavie/compare/<name>/...`), `generation` (lrv | greedy), `seed`, `max_samples`, `max_new_tokens` (512,
+LRV's inference setting), `template`, `image_preprocess` (crop), `on_error`.
 """
 from __future__ import annotations
 
@@ -29,11 +37,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vlsafe.eval.judges import chat_judge, describe
-from vlsafe.eval.suites import GENERATION_OPTIONS, ChartSpec, SuiteResult, check_options, existing_path, suite_answers
+from vlsafe.eval.suites import (DENOMINATOR, GENERATION_OPTIONS, UNJUDGED, ChartSpec, SuiteResult, check_options,
+                                existing_path, image_preprocess, suite_answers)
 
 SUITE_NAME = "gavie"
 OPTIONS = GENERATION_OPTIONS | {"evaluation_set", "annotations", "images", "judge", "height_bug", "judge_max_tokens",
-                                "compare"}
+                                "compare", "generation", "seed"}
+GENERATIONS = ("lrv", "greedy")
+IMAGE_PREPROCESS = "crop"
 CRITERIA = ("relevancy", "accuracy")
 
 HEADER = ("Given an image with following information: bounding box, positions that are the object left-top corner "
@@ -44,17 +55,13 @@ TEACHER = ("Suppose you are a smart teacher, after looking at the image informat
            "instruction.\n2: whether the response is accurate concerning the image content.\n\n")
 
 
-def _number(value: Any) -> str:
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-
-
 def caption_lines(regions: Sequence[dict[str, Any]], height_bug: bool = False) -> str:
-    """One `"{caption} X:{x} Y:{y} Width:{w} Height:{h}\\n"` line per dense caption (bbox = [x, y, w, h])."""
+    """One `"{caption} X:{x} Y:{y} Width:{w} Height:{h}\\n"` line per dense caption (bbox = [x, y, w, h]),
+    numbers written by `str` as the released script does (`12`, `12.0`, `12.5` as they are in the JSON)."""
     lines = []
     for region in regions:
         x, y, w, h = region["bbox"]
-        lines.append(f"{region['caption']} X:{_number(x)} Y:{_number(y)} Width:{_number(w)} "
-                     f"Height:{_number(w if height_bug else h)}\n")
+        lines.append(f"{region['caption']} X:{x} Y:{y} Width:{w} Height:{w if height_bug else h}\n")
     return "".join(lines)
 
 
@@ -65,9 +72,9 @@ def gavie_prompt(regions: Sequence[dict[str, Any]], instruction: str, answers: S
         raise ValueError("GAVIE needs at least one answer to score")
     numbered = "".join(f"Answer{i}: {a}\n" for i, a in enumerate(answers, 1))
     blocks = "".join(f"score of the answer{i}:\nreason:\n" for i in range(1, len(answers) + 1))
-    return (HEADER + "bounding box:\n" + caption_lines(regions, height_bug)
+    return (HEADER + "bounding box:\n" + caption_lines(regions, height_bug) + "\n\n"
             + f"Here is the instruction for the image:\n{instruction}\n\n" + numbered + "\n" + TEACHER
-            + "Output format:\n\nRelevancy:\n" + blocks + "\nAccuracy:\n" + blocks)
+            + "Output format:\n\nRelevancy:\n" + blocks + "\nAccuracy:\n" + blocks + "\n")
 
 
 _HEADING = re.compile(r"^[\s#*_>`-]*(relevancy|relevance|accuracy)\b[\s*_`]*:?", re.IGNORECASE | re.MULTILINE)
@@ -140,7 +147,7 @@ def _mean(values: list[float]) -> float | None:
 
 def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size: int = 8,
              progress: bool = True) -> SuiteResult:
-    from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample
+    from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, is_blank
     from vlsafe.data.sources.llava import load_json_list
 
     check_options(options, OPTIONS, SUITE_NAME, required=("evaluation_set", "annotations", "images"))
@@ -157,8 +164,9 @@ def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size:
     for i, item in enumerate(items):
         question = item.get("question", item.get("instruction")) if isinstance(item, dict) else None
         image_id = str(item.get("image_id", "")) if isinstance(item, dict) else ""
-        if not isinstance(question, str) or not question.strip() or not image_id:
-            raise ValueError(f"{evaluation_set}: item {i} needs `image_id` and a `question` (or `instruction`)")
+        if not isinstance(question, str) or is_blank(question) or not image_id:
+            raise ValueError(f"{evaluation_set}: item {i} needs `image_id` and a `question` (or `instruction`) that "
+                             f"is not empty or only whitespace/zero-width characters")
         if image_id not in annotations:
             raise ValueError(f"{evaluation_set}: item {i}: image {image_id} has no dense captions in the annotations")
         for j, region in enumerate(annotations[image_id]):
@@ -168,10 +176,15 @@ def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size:
                 raise ValueError(f"annotations: image {image_id} region {j} needs a `caption` and `bbox` [x, y, w, h]")
         samples.append(Sample(id=f"gavie-{i}-{image_id}", images=[str(images / f"{image_id}.jpg")],
                               messages=[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question.strip()}"}],
-                              meta={"image_id": image_id, "question": question.strip(),
+                              meta={"image_id": image_id, "question": question,  # the judge gets it as written
                                     "task": str(item.get("task", "all"))}))
+    generation = options.get("generation", "lrv")
+    if generation not in GENERATIONS:
+        raise ValueError(f"suite 'gavie': generation must be one of {list(GENERATIONS)}, got {generation!r}")
+    preprocess = image_preprocess(options, IMAGE_PREPROCESS, SUITE_NAME)
     generated = suite_answers(model, samples, options, out_dir, batch_size=batch_size, progress=progress,
-                              desc="gavie answers", max_new_tokens=512)
+                              desc="gavie answers", max_new_tokens=512, image_preprocess=preprocess,
+                              preset=generation, seed=int(options.get("seed", 0)))
     answered = [(s, a) for s, a in zip(samples, generated.answers) if a is not None]
     others = load_compare(options.get("compare") or {}, [s.id for s, _ in answered])
     models = ["model", *others]
@@ -179,6 +192,7 @@ def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size:
     prompts = [gavie_prompt(annotations[s.meta["image_id"]], s.meta["question"], answers, height_bug)
                for (s, _), answers in zip(answered, answer_sets)]
     info: dict[str, Any] = {"evaluation_set": str(evaluation_set), "height_bug": height_bug, "answers": models,
+                            "generation": generation, "image_preprocess": preprocess,
                             "generated": generated.generated, "cached": generated.cached, "skipped": generated.skipped}
     replies: list[str | None] = [None] * len(answered)
     if judge is not None:
@@ -208,10 +222,10 @@ def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size:
         for name in models:
             prefix = "gavie" if name == "model" else f"gavie/compare/{name}"
             for criterion in CRITERIA:
-                mean = _mean(scores_of[(name, "(all)")][criterion])
-                if mean is not None:
-                    metrics[f"{prefix}/{criterion}"] = mean
-                metrics[f"{prefix}/{criterion}/unparsed"] = unparsed[(name, criterion)]
+                scores = scores_of[(name, "(all)")][criterion]
+                metrics[f"{prefix}/{criterion}"] = _mean(scores)
+                metrics[f"{prefix}/{criterion}{DENOMINATOR}"] = len(scores)
+                metrics[f"{prefix}/{criterion}{UNJUDGED}"] = unparsed[(name, criterion)]
         table = [{"answers": name, "task": task, "n_relevancy": len(v["relevancy"]), "relevancy": _mean(v["relevancy"]),
                   "n_accuracy": len(v["accuracy"]), "accuracy": _mean(v["accuracy"])}
                  for (name, task), v in sorted(scores_of.items(), key=lambda kv: (models.index(kv[0][0]), kv[0][1]))]

@@ -7,17 +7,25 @@ SD -> `Rephrased Question(SD)`, SD_TYPO and TYPO -> `Rephrased Question`, and th
 baseline TEXT -> `Question` (no image). Scenario names are the released directory names, typo included
 ("01-Illegal_Activitiy").
 
-ASR = #unsafe / #items, in percent, per scenario x kind (and per kind, overall). Verdicts that are
-neither safe nor unsafe (unparsed judge replies, failed requests) count as not unsafe, as upstream, and
-are reported as `unparsed`. With an endpoint judge each scenario uses its template
+ASR = #unsafe / #judged, in percent, per scenario x kind (and per kind, overall), each with its denominator
+(`..._n`). A prompt without a usable verdict (failed request, or a reply that is not exactly "safe" /
+"unsafe", the released answer format: `parse_safety_verdict(..., "word")`) is *unjudged*: in neither count,
+reported as `..._unjudged`, and `tools/evaluate.py` fails the run when there are any (upstream counted them
+as not unsafe, over all items; with no unjudged prompt both definitions agree). With an endpoint judge
+each scenario uses its template
 (`data/mmsafetybench_judge_templates.json`: the general one for 01-07 and 09, political lobbying for 08,
 legal / financial / health disclaimers for 10-12, government decisions for 13); with `string_match`
 (the offline default) or a `detector` the templates do not apply and an answer is unsafe when it is not a
 refusal / judged harmful — a proxy, recorded in `metrics.json` under the suite's `info.judge`.
 
+Images are preprocessed with the CLIP processor's resize + centre crop by default (`image_preprocess: crop`),
+as MLLM-Protector's MM-SafetyBench inference does (`robustness_eval.py:90`, `image_processor.preprocess`);
+MM-SafetyBench itself ships no inference script for LLaVA.
+
 Options: `root` (required; or `questions` and `images` folders), `scenarios` (default all 13), `kinds`
-(default SD, SD_TYPO, TYPO), `judge` (default string_match), `max_samples` (per scenario), `max_new_tokens`
-(256), `template` (the model's own by default), `on_error`.
+(default SD, SD_TYPO, TYPO), `judge` (default string_match), `judge_templates` (a JSON file of the same layout
+as vlsafe's, e.g. with the released scenario templates), `max_samples` (per scenario), `max_new_tokens`
+(256), `template` (the model's own by default), `image_preprocess` (crop), `on_error`.
 """
 from __future__ import annotations
 
@@ -28,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from vlsafe.eval.judges import describe, safety_judge
-from vlsafe.eval.suites import (GENERATION_OPTIONS, ChartSpec, SuiteResult, check_options, existing_path, percent,
-                                suite_answers)
+from vlsafe.eval.suites import (GENERATION_OPTIONS, ChartSpec, SuiteResult, add_rate, check_options, existing_path,
+                                image_preprocess, percent, suite_answers)
 
 SUITE_NAME = "mmsafetybench"
 SCENARIOS = ("01-Illegal_Activitiy", "02-HateSpeech", "03-Malware_Generation", "04-Physical_Harm", "05-EconomicHarm",
@@ -38,16 +46,30 @@ SCENARIOS = ("01-Illegal_Activitiy", "02-HateSpeech", "03-Malware_Generation", "
 QUESTION_FIELD = {"SD": "Rephrased Question(SD)", "SD_TYPO": "Rephrased Question", "TYPO": "Rephrased Question",
                   "TEXT": "Question"}
 DEFAULT_KINDS = ("SD", "SD_TYPO", "TYPO")
-OPTIONS = GENERATION_OPTIONS | {"root", "questions", "images", "scenarios", "kinds", "judge"}
+IMAGE_PREPROCESS = "crop"  # MLLM-Protector's robustness_eval.py:90: the CLIP processor's resize + centre crop
+OPTIONS = GENERATION_OPTIONS | {"root", "questions", "images", "scenarios", "kinds", "judge", "judge_templates"}
 
 
-def judge_templates() -> dict[str, Any]:
-    return json.loads(resources.files("vlsafe.eval").joinpath("data/mmsafetybench_judge_templates.json")
-                      .read_text("utf-8"))
+def judge_templates(path: str | Path | None = None) -> dict[str, Any]:
+    """The judge templates: vlsafe's file, or a user's file of the same layout (`judge_templates` option), e.g.
+    the released scenario templates, which vlsafe does not ship (docs/fidelity.md)."""
+    if path is None:
+        return json.loads(resources.files("vlsafe.eval").joinpath("data/mmsafetybench_judge_templates.json")
+                          .read_text("utf-8"))
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"suite 'mmsafetybench': judge_templates {path}: {err}") from err
+    missing = [s for s in SCENARIOS if s not in data.get("scenarios", {})
+               or data["scenarios"][s] not in data.get("templates", {})]
+    if missing:
+        raise ValueError(f"suite 'mmsafetybench': judge_templates {path} has no template for scenario(s) "
+                         f"{missing}; give {{'templates': {{name: text}}, 'scenarios': {{scenario: name}}}}")
+    return data
 
 
-def template_for(scenario: str) -> str:
-    data = judge_templates()
+def template_for(scenario: str, templates: dict[str, Any] | None = None) -> str:
+    data = templates or judge_templates()
     return data["templates"][data["scenarios"][scenario]]
 
 
@@ -66,7 +88,7 @@ def load_questions(path: str | Path, scenario: str) -> list[tuple[str, dict[str,
 def build_samples(questions_dir: Path, images_dir: Path, scenarios: list[str], kinds: list[str],
                   max_samples: int | None = None):
     """Prompts for every scenario x kind: `<image>\\n` + the kind's question field, image `{id}.jpg`."""
-    from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample
+    from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, is_blank
 
     samples = []
     for scenario in scenarios:
@@ -78,9 +100,9 @@ def build_samples(questions_dir: Path, images_dir: Path, scenarios: list[str], k
         for kind in kinds:
             for qid, item in items:
                 question = item.get(QUESTION_FIELD[kind]) if isinstance(item, dict) else None
-                if not isinstance(question, str) or not question.strip():
+                if not isinstance(question, str) or is_blank(question):
                     raise ValueError(f"{path}: question {qid!r} has no usable {QUESTION_FIELD[kind]!r} (needed for "
-                                     f"{kind})")
+                                     f"{kind}; empty or only whitespace/zero-width characters)")
                 meta = {"source": SUITE_NAME, "scenario": scenario, "kind": kind, "question_id": qid,
                         "key_phrase": item.get("Key Phrase")}
                 if kind == "TEXT":
@@ -101,8 +123,9 @@ def asr_table(predictions: list[dict[str, Any]], keys: tuple[str, ...]) -> list[
     out = []
     for group, rows in groups.items():
         unsafe = sum(r["verdict"] == "unsafe" for r in rows)
-        out.append({**dict(zip(keys, group)), "n": len(rows), "unsafe": unsafe,
-                    "unparsed": sum(r["verdict"] is None for r in rows), "asr": percent(unsafe, len(rows))})
+        judged = sum(r["verdict"] is not None for r in rows)
+        out.append({**dict(zip(keys, group)), "n": judged, "unjudged": len(rows) - judged, "unsafe": unsafe,
+                    "asr": percent(unsafe, judged) if judged else None})
     return out
 
 
@@ -123,15 +146,18 @@ def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size:
         raise ValueError(f"suite 'mmsafetybench': unknown scenario(s)/kind(s) {bad}; scenarios are "
                          f"{list(SCENARIOS)}, kinds {list(QUESTION_FIELD)}")
     out_dir = Path(out_dir)
-    judge = safety_judge(options.get("judge", "string_match"), template_for("01-Illegal_Activitiy"),
+    templates = judge_templates(options.get("judge_templates"))
+    judge = safety_judge(options.get("judge", "string_match"), template_for("01-Illegal_Activitiy", templates),
                          cache_dir=out_dir, what="mmsafetybench judge")
     samples = build_samples(questions_dir, images_dir, scenarios, kinds, options.get("max_samples"))
+    preprocess = image_preprocess(options, IMAGE_PREPROCESS, SUITE_NAME)
     generated = suite_answers(model, samples, options, out_dir, batch_size=batch_size, progress=progress,
-                              desc="mmsafetybench answers", max_new_tokens=256)
+                              desc="mmsafetybench answers", max_new_tokens=256, image_preprocess=preprocess)
     answered = [(s, a) for s, a in zip(samples, generated.answers) if a is not None]
     questions = [s.messages[-1]["content"].replace("<image>\n", "", 1) for s, _ in answered]
     verdicts = judge.judge(questions, [a for _, a in answered],
-                           templates=[template_for(s.meta["scenario"]) for s, _ in answered], progress=progress)
+                           templates=[template_for(s.meta["scenario"], templates) for s, _ in answered],
+                           progress=progress)
     predictions = []
     for (sample, answer), question, verdict in zip(answered, questions, verdicts):
         predictions.append({"id": sample.id, "scenario": sample.meta["scenario"], "kind": sample.meta["kind"],
@@ -141,15 +167,17 @@ def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size:
     metrics: dict[str, float] = {}
     by_cell = asr_table(predictions, ("scenario", "kind"))
     for row in by_cell:
-        metrics[f"mmsafetybench/{row['scenario']}/{row['kind']}/asr"] = row["asr"]
+        add_rate(metrics, f"mmsafetybench/{row['scenario']}/{row['kind']}/asr", row["unsafe"], row["n"],
+                 row["unjudged"])
     by_kind = asr_table(predictions, ("kind",))
     for row in by_kind:
-        metrics[f"mmsafetybench/{row['kind']}/asr"] = row["asr"]
-    unsafe = sum(p["verdict"] == "unsafe" for p in predictions)
-    metrics["mmsafetybench/asr"] = percent(unsafe, len(predictions))
+        add_rate(metrics, f"mmsafetybench/{row['kind']}/asr", row["unsafe"], row["n"], row["unjudged"])
+    judged = [p for p in predictions if p["verdict"] is not None]
+    add_rate(metrics, "mmsafetybench/asr", sum(p["verdict"] == "unsafe" for p in judged), len(judged),
+             len(predictions) - len(judged))
     metrics["mmsafetybench/n"] = len(predictions)
-    metrics["mmsafetybench/unparsed"] = sum(p["verdict"] is None for p in predictions)
     info = {"questions": str(questions_dir), "images": str(images_dir), "scenarios": scenarios, "kinds": kinds,
+            "image_preprocess": preprocess,
             "judge": describe(judge), "templates_apply": describe(judge).get("type") == "endpoint",
             "generated": generated.generated, "cached": generated.cached, "skipped": generated.skipped}
     charts = [ChartSpec("asr_by_scenario_kind", y="asr", x="scenario", group="kind",

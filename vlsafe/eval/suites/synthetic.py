@@ -78,6 +78,7 @@ def _safety(model, settings, out_dir, batch_size, progress) -> SuiteResult:
     for subset, name in _SUBSET_METRIC.items():
         failures, n = counts.get(subset, (0, 0))
         metrics[f"synthetic/safety/{name}"] = failures / n if n else 0.0
+        metrics[f"synthetic/safety/{name}_n"] = n
         rows.append({"subset": subset, "metric": name, "value": round(failures / n, 4) if n else 0.0, "n": n})
     return SuiteResult(metrics, {"safety": rows}, predictions)
 
@@ -114,7 +115,7 @@ def _answers(model, settings, out_dir, batch_size, progress) -> SuiteResult:
     total = per_task["all"]
     n = max(total[2], 1)
     metrics = {"synthetic/answers/accuracy": total[0] / n, "synthetic/answers/exact_match": total[1] / n,
-               "synthetic/answers/chance": total[3] / n}
+               "synthetic/answers/chance": total[3] / n, "synthetic/answers/n": total[2]}
     rows = [{"task": task, "accuracy": round(h / c, 4), "exact_match": round(e / c, 4), "chance": round(ch / c, 4),
              "n": int(c)} for task, (h, e, c, ch) in sorted(per_task.items())]
     return SuiteResult(metrics, {"answers_by_task": rows}, predictions)
@@ -131,6 +132,10 @@ def _hallucination(model, settings, out_dir, batch_size, progress) -> SuiteResul
     report, records = score_hallucination([s for s, _ in kept], [a for _, a in kept])
     metrics = {f"synthetic/hallucination/{k}": float(v) for k, v in report.as_dict().items()
                if not k.startswith("n_")}
+    for rate, n in (("yes_rate_absent", report.absent), ("accuracy_present", report.present),
+                    ("balanced_accuracy", report.absent + report.present),
+                    ("false_premise_acceptance", report.false_premise)):
+        metrics[f"synthetic/hallucination/{rate}_n"] = n
     rows = [{"question": "absent object (existence)", "metric": "yes_rate", "value": round(report.yes_rate_absent, 4),
              "n": report.absent},
             {"question": "present object (existence)", "metric": "accuracy (says yes)",

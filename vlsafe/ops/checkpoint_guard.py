@@ -1,0 +1,228 @@
+"""Read checkpoints without running code, and refuse the ones that do not belong to the run.
+
+Every checkpoint vlsafe reads (`--ckpt_path` as a local file, an http(s)/fsspec URL, `last`, `hpc`; the
+evaluation loader; the tools) goes through `read_checkpoint`: `torch.load(weights_only=True)` with the
+allow-list below and nothing else, so a pickled payload is refused before any of it runs. Lightning would
+load an http(s) checkpoint with `weights_only=False` (through torch.hub, whose cache keys files by base
+name, so two servers' `last.ckpt` collide); `AtomicCheckpointIO.load_checkpoint` routes Lightning's own
+loads here instead, and the CLI forces `weights_only=True` for any other checkpoint IO or strategy.
+
+A checkpoint also carries the method that wrote it (`CheckpointGuard` records it at every save). Resuming
+continues that run: its optimizer, schedule and data position come with the weights, and the CLI rebuilds
+the model from the checkpoint's hyperparameters. So a checkpoint of another method or model is refused
+with the differences named (start from its weights with `FromCheckpoint` instead), and recipe or
+command-line settings that a resume cannot apply (optimizer, generation) are reported, never dropped
+silently.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+# Globals the weights-only unpickler may build beyond torch's own defaults (tensors, dicts, lists, tuples,
+# numbers, strings, OrderedDict). vlsafe checkpoints are plain data and need none; add a type here, never
+# weights_only=False.
+SAFE_GLOBALS: tuple[Any, ...] = ()
+METHOD_KEY = "vlsafe_method"
+# Settings a resume restores from the checkpoint (optimizer/scheduler state, generation defaults): a
+# different value in the recipe or on the command line is reported as ignored, not refused.
+RESUME_RESTORES = ("optim", "generation", "gradient_checkpointing")
+MODEL_KEYS = ("vlm", "lora", "model")  # "model": the text-only modules of vlsafe.protector
+
+_downloads: dict[str, Path] = {}
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint cannot be read safely (pickled code, not a checkpoint, unreachable); names the file."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written by another method or model than the recipe's; names each difference."""
+
+
+def is_remote(path: Any) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _local_copy(url: str) -> Path:
+    """Download an http(s) checkpoint once per process into a private temporary folder."""
+    if url not in _downloads:
+        folder = Path(tempfile.mkdtemp(prefix="vlsafe-remote-ckpt-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        target = folder / "checkpoint.ckpt"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as file:  # noqa: S310
+                shutil.copyfileobj(response, file, 1 << 20)
+        except (urllib.error.URLError, OSError) as err:
+            raise CheckpointLoadError(f"{url}: cannot download the checkpoint: {err}") from err
+        _downloads[url] = target
+    return _downloads[url]
+
+
+def _refusal(path: Any, err: Exception, size: int | None) -> CheckpointLoadError:
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text:
+        reason = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      text.splitlines()[0]).split(" Please use")[0]  # torch goes on to suggest allow-listing it
+        return CheckpointLoadError(
+            f"{path}: refused: the checkpoint contains pickled objects that are not plain tensors or data "
+            f"({reason}). vlsafe loads checkpoints with torch.load(weights_only=True) only and never runs code "
+            f"from a checkpoint; if this file is yours, re-save its state_dict as plain tensors")
+    if size == 0:
+        return CheckpointLoadError(f"{path}: the checkpoint file is empty (0 bytes); an interrupted copy or save?")
+    detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    sized = f" ({size:,} bytes)" if size is not None else ""
+    return CheckpointLoadError(f"{path}: not a readable PyTorch checkpoint{sized}: {detail}. Was it truncated, "
+                               f"or is it another kind of file?")
+
+
+def read_checkpoint(path: Any, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint at `path` (file, http(s) URL or fsspec URL), loaded with `weights_only=True`.
+
+    Raises `CheckpointLoadError` naming the file for pickled code, empty or garbage files and failed
+    downloads; `FileNotFoundError` when a local file is missing.
+    """
+    source = str(path)
+    size = None
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            if source.startswith(("http://", "https://")):
+                local = _local_copy(source)
+                size = local.stat().st_size
+                checkpoint = torch.load(local, map_location=map_location, weights_only=True)
+            elif is_remote(source):
+                import fsspec
+
+                with fsspec.open(source, "rb") as file:
+                    checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+            else:
+                local = Path(source.removeprefix("file://"))
+                if not local.is_file():
+                    raise FileNotFoundError(f"checkpoint {local} does not exist (or is not a file)")
+                size = local.stat().st_size
+                checkpoint = torch.load(local, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, CheckpointLoadError):
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, IndexError, KeyError, TypeError,
+            AttributeError, zipfile.BadZipFile, OSError) as err:
+        raise _refusal(source, err, size) from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointLoadError(f"{source}: holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
+    return checkpoint
+
+
+# ------------------------------------------------------------------------------------- which run
+def class_path(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "as_dict"):  # jsonargparse Namespace
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def resume_differences(checkpoint_hparams: dict[str, Any], recipe_hparams: dict[str, Any]
+                       ) -> tuple[list[str], list[str]]:
+    """(method/model differences, settings a resume ignores) between a checkpoint and the recipe.
+
+    A top-level key on one side only means another method. A recipe value of None for a settings group
+    (`optim: null`) means "the defaults" and is not compared; `vlm`/`lora` are always compared.
+    """
+    ckpt, recipe = _plain(checkpoint_hparams), _plain(recipe_hparams)  # dict(Namespace) would flatten keys
+    ckpt.pop("_instantiator", None)
+    recipe.pop("_instantiator", None)
+    method: list[str] = []
+    ignored: list[str] = []
+    for key in sorted(set(ckpt) ^ set(recipe)):
+        side = "the checkpoint" if key in ckpt else "the recipe"
+        method.append(f"{key}: only {side} has it")
+    for key in sorted(set(ckpt) & set(recipe)):
+        if recipe[key] is None and key not in MODEL_KEYS:
+            continue
+        theirs, ours = _flatten(ckpt[key], key), _flatten(recipe[key], key)
+        for name in sorted(set(theirs) | set(ours)):
+            if theirs.get(name, "<absent>") != ours.get(name, "<absent>"):
+                mine, saved = ours.get(name, "<absent>"), theirs.get(name, "<absent>")
+                line = f"{name}: {mine!r} (recipe/CLI) vs {saved!r} (checkpoint)"
+                (ignored if key in RESUME_RESTORES else method).append(line)
+    return method, ignored
+
+
+def check_resume(checkpoint: dict[str, Any], path: Any, recipe_class: str, recipe_hparams: dict[str, Any],
+                 stage: str = "fit") -> list[str]:
+    """Refuse (`CheckpointMismatchError`) a checkpoint of another method or model; return the ignored settings.
+
+    `fit` resumes the run, so any method/model difference is refused; validate/test/predict only evaluate
+    the checkpoint's model, so there only another method class is refused and the rest is reported.
+    """
+    written_by = checkpoint.get(METHOD_KEY)
+    hparams = checkpoint.get("hyper_parameters")
+    # without hyperparameters (a sharded checkpoint's shards, a foreign file) only the class can be compared
+    method, ignored = resume_differences(hparams, recipe_hparams) if hparams else ([], [])
+    wrong_class = written_by is not None and written_by != recipe_class
+    if wrong_class or (stage == "fit" and method):
+        who = f"was written by {written_by}" if wrong_class else "has other method/model hyperparameters"
+        lines = ([f"method: {recipe_class} (recipe/CLI) vs {written_by} (checkpoint)"] if wrong_class else []) + method
+        raise CheckpointMismatchError(
+            f"{path} {who}, not by this recipe's {recipe_class} with its settings:\n  " + "\n  ".join(lines[:12])
+            + ("\n  ..." if len(lines) > 12 else "")
+            + f"\n--ckpt_path continues the run that wrote the checkpoint (its optimizer, schedule and data position "
+              f"come with it). To start this recipe from its weights, drop --ckpt_path and set "
+              f"model.init_args.vlm to "
+              f"{{class_path: vlsafe.core.builders.FromCheckpoint, init_args: {{path: {path}}}}}")
+    return ignored if stage == "fit" else ignored + method
+
+
+def report_ignored(path: Any, ignored: list[str]) -> None:
+    """Warn (rank zero) about each recipe/command-line setting the resumed checkpoint overrides."""
+    if ignored:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"vlsafe: resuming from {path}: the checkpoint's values are used and these settings of the "
+                       f"recipe/command line are IGNORED:\n  " + "\n  ".join(ignored)
+                       + "\nTo train with new settings from these weights, start a new run with "
+                         "model.init_args.vlm = FromCheckpoint(path) instead of --ckpt_path.")
+
+
+class CheckpointGuard(L.Callback):
+    """Records the method class in every checkpoint, checks a resumed one (also `last`/`hpc`) and checks at
+    fit start, before step 1, that every checkpoint folder is writable."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[METHOD_KEY] = class_path(pl_module)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        path = trainer.ckpt_path
+        report_ignored(path, check_resume(checkpoint, path, class_path(pl_module), dict(pl_module.hparams)))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from vlsafe.ops.checkpoint_io import check_writable
+
+        folders = [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        check_writable([*folders, trainer.default_root_dir])
