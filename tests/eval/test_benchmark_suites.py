@@ -247,3 +247,24 @@ def test_vlguard_win_rule_is_only_m():
                                                                                   False, False]
     prompt = helpfulness_prompt()
     assert prompt.index("{output_1}") < prompt.index("{output_2}") and "{instruction}" in prompt
+
+
+def test_mmsafe_po_accepts_prompts_up_to_the_released_2048_tokens_not_the_training_768(tmp_path, text_model_factory):
+    """infer_json.sh --model_max_length 2048: a test prompt longer than the model's training limit is answered,
+    and the model's own processor is left as it was; `max_length` sets another limit."""
+    from vlsafe.data.schema import SampleError
+    from vlsafe.eval.suites import mmsafe_po
+
+    _jpg(tmp_path / "img" / "a.jpg")
+    long_question = " ".join(["word"] * 120)
+    rows = [{"id": 0, "question": f"USER: <image>\n{long_question}? ASSISTANT:", "image": "a.jpg",
+             "chosen": "ASSISTANT: I'm sorry.", "rejected": "ASSISTANT: Sure.", "type": "harmless"}]
+    (tmp_path / "test.json").write_text(json.dumps(rows))
+    model = text_model_factory(lambda q: "I'm sorry, I cannot share that.")
+    model.processor.max_length = 64  # a model trained with a short limit, like MMSafe-PO's 768
+    options = {"json": str(tmp_path / "test.json"), "images": str(tmp_path / "img")}
+    result = mmsafe_po.evaluate(model, options, tmp_path / "out", batch_size=1, progress=False)
+    assert result.metrics["mmsafe_po/safety_rate"] == 100.0 and result.metrics["mmsafe_po/n"] == 1
+    assert model.processor.max_length == 64
+    with pytest.raises(SampleError, match="max_length"):
+        mmsafe_po.evaluate(model, {**options, "max_length": 64}, tmp_path / "out2", batch_size=1, progress=False)

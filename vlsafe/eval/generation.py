@@ -46,7 +46,9 @@ class GenerationConfig:
     `template` overrides the model's chat template (VLGuard evaluates with `llava_v1`);
     `min_new_tokens` is VLGuard's `min_new_tokens=1`; `image_preprocess` is `pad`, `crop` or `resize`
     (`vlsafe.eval.image_preprocess`); `seed` makes a sampling preset repeatable (the generator is re-seeded
-    with `seed + index of the batch's first prompt` before each batch).
+    with `seed + index of the batch's first prompt` before each batch). `max_length` is the longest prompt
+    (image tokens included) the evaluation accepts; None keeps the model's training limit, which may be
+    shorter than what a benchmark's released script allows (MMSafe-PO trains at 768, infers at 2048).
     """
 
     max_new_tokens: int = 256
@@ -55,12 +57,15 @@ class GenerationConfig:
     image_preprocess: str = "pad"
     preset: str = "greedy"
     seed: int = 0
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         from vlsafe.eval.image_preprocess import check_image_preprocess
 
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
         if self.preset not in PRESETS:
             raise ValueError(f"generation preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         check_image_preprocess(self.image_preprocess, "generation")
@@ -160,13 +165,18 @@ def _with_image_bytes(sample: Sample) -> Sample:
     return Sample(id=sample.id, messages=sample.messages, images=images, meta=sample.meta)
 
 
-def _processor_with_template(processor, template: str | None):
-    if template is None:
+def _processor_with_template(processor, template: str | None, max_length: int | None = None):
+    """A copy of the model's processor with the evaluation's template and prompt limit (the model's own is
+    left untouched)."""
+    if template is None and max_length is None:
         return processor
     from vlsafe.data.templates import get_template
 
     processor = copy.copy(processor)
-    processor.template = get_template(template)
+    if template is not None:
+        processor.template = get_template(template)
+    if max_length is not None:
+        processor.max_length = max_length
     return processor
 
 
@@ -210,7 +220,8 @@ def generate_answers(model, samples: Sequence[Sample], config: GenerationConfig 
 
     from vlsafe.eval.image_preprocess import processor_for
 
-    encoder = PromptEncoder(processor_for(_processor_with_template(model.processor, config.template),
+    encoder = PromptEncoder(processor_for(_processor_with_template(model.processor, config.template,
+                                                                   config.max_length),
                                           config.image_preprocess))
     overrides: dict[str, Any] = {"max_new_tokens": config.max_new_tokens,
                                  **copy.deepcopy(PRESETS[config.preset])}

@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any, Sequence
 
 #: options every generating suite understands (see `suite_answers`)
-GENERATION_OPTIONS = {"max_samples", "max_new_tokens", "template", "on_error", "image_preprocess"}
+GENERATION_OPTIONS = {"max_samples", "max_new_tokens", "template", "on_error", "image_preprocess", "max_length"}
 #: a rate `name` comes with `name + DENOMINATOR` (what it is a share of) and, when a judge decides it,
 #: `name + UNJUDGED` (prompts without a usable verdict: failed requests, unparsable replies; in neither count)
 DENOMINATOR, UNJUDGED = "_n", "_unjudged"
@@ -101,15 +101,16 @@ def image_preprocess(options: dict[str, Any], default: str, suite: str) -> str:
 def suite_answers(model, samples, options: dict[str, Any], out_dir: str | Path, *, batch_size: int, progress: bool,
                   desc: str, template: str | None = None, max_new_tokens: int = 256,
                   min_new_tokens: int | None = None, image_preprocess: str = "pad", preset: str = "greedy",
-                  seed: int = 0):
+                  seed: int = 0, max_length: int | None = None):
     """`generate_answers` with the suite's cache (`out_dir/answers.jsonl`) and generation options
-    (`max_new_tokens`, `template`, `on_error`, `image_preprocess`), falling back to the suite's defaults."""
+    (`max_new_tokens`, `template`, `on_error`, `image_preprocess`, `max_length`: the longest prompt accepted),
+    falling back to the suite's defaults."""
     from vlsafe.eval.generation import GenerationConfig, generate_answers
 
     config = GenerationConfig(max_new_tokens=int(options.get("max_new_tokens", max_new_tokens)),
                               min_new_tokens=min_new_tokens, template=options.get("template", template),
                               image_preprocess=options.get("image_preprocess", image_preprocess), preset=preset,
-                              seed=seed)
+                              seed=seed, max_length=options.get("max_length", max_length))
     return generate_answers(model, samples, config, cache_path=Path(out_dir) / "answers.jsonl",
                             model_id=getattr(model, "eval_identity", None), batch_size=batch_size,
                             progress=progress, on_error=options.get("on_error", "raise"), desc=desc)

@@ -21,11 +21,13 @@ released MM-SafetyBench format, the whole reply is "safe" or "unsafe") or `verdi
 own that asks for a final `VERDICT: safe|unsafe` line); anything else is unjudged.
 
 Images are padded to a square (`image_preprocess: pad`), as `infer_json.py` runs (`--image_aspect_ratio pad`,
-`data_utils_ppo.py:97-115`).
+`data_utils_ppo.py:97-115`). Prompts may be up to 2048 tokens with the image (`max_length`; `infer_json.sh
+--model_max_length 2048`), not the 768 the model trained with: with LLaVA's tokenizer an estimated 46–83 of the
+275 test prompts do not fit 768.
 
 Options: `json` (test.json; a list of files is concatenated), `images` (required), `judge`,
-`judge_template`, `judge_answer_format`, `max_samples`, `max_new_tokens`, `template`, `image_preprocess`
-(pad), `on_error`.
+`judge_template`, `judge_answer_format`, `max_samples`, `max_new_tokens`, `max_length` (2048), `template`,
+`image_preprocess` (pad), `on_error`.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from vlsafe.eval.suites import (GENERATION_OPTIONS, ChartSpec, SuiteResult, add_
 SUITE_NAME = "mmsafe_po"
 OPTIONS = GENERATION_OPTIONS | {"json", "images", "judge", "judge_template", "judge_answer_format"}
 IMAGE_PREPROCESS = "pad"  # infer_json.sh: --image_aspect_ratio 'pad'
+RELEASED_MAX_LENGTH = 2048  # infer_json.sh --model_max_length 2048 (training used 768; longer test prompts fit here)
 
 
 def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size: int = 8,
@@ -69,7 +72,8 @@ def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size:
                          what="mmsafe_po judge", answer_format=options.get("judge_answer_format", "word"))
     preprocess = image_preprocess(options, IMAGE_PREPROCESS, SUITE_NAME)
     generated = suite_answers(model, samples, options, out_dir, batch_size=batch_size, progress=progress,
-                              desc="mmsafe_po answers", max_new_tokens=256, image_preprocess=preprocess)
+                              desc="mmsafe_po answers", max_new_tokens=256, image_preprocess=preprocess,
+                              max_length=RELEASED_MAX_LENGTH)
     answered = [(s, a) for s, a in zip(samples, generated.answers) if a is not None]
     questions = [s.messages[-1]["content"].replace("<image>", "").strip() for s, _ in answered]
     verdicts = judge.judge(questions, [a for _, a in answered], progress=progress)
