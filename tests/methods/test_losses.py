@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vlsafe.methods.losses import LOSS_TYPES, PairLogps, check_loss, preference_loss
+from vlsafe.methods.losses import LOSS_TYPES, PairLogps, RobustDPOLoss, check_loss, preference_loss
 
 B, WIDTH = 4, 12
 
@@ -70,6 +70,19 @@ def test_losses_equal_trl_dpo_trainer(loss_type, label_smoothing):
     assert float(losses.mean()) == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert float(chosen_rewards.mean()) == pytest.approx(metrics["rewards/chosen"][0], rel=1e-9)
     assert float(rejected_rewards.mean()) == pytest.approx(metrics["rewards/rejected"][0], rel=1e-9)
+
+
+def test_robust_dpo_loss_object_equals_trl_robust():
+    """The class a recipe names (`loss: {class_path: vlsafe.methods.losses.RobustDPOLoss}`) against TRL's `robust`."""
+    inputs, token_logps = _inputs(seed=4)
+    expected, metrics = _trl_loss("robust", 0.3, 0.1, inputs, token_logps)
+    logps, tokens = token_logps.sum(1), inputs["completion_mask"].sum(1)
+    pair = PairLogps(logps[:B], logps[B:], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], tokens[:B],
+                     tokens[B:])
+    losses, chosen_rewards, _ = RobustDPOLoss(beta=0.3, label_smoothing=0.1)(pair)
+    assert RobustDPOLoss.needs_reference
+    assert float(losses.mean()) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert float(chosen_rewards.mean()) == pytest.approx(metrics["rewards/chosen"][0], rel=1e-9)
 
 
 def test_cdpo_is_the_label_smoothed_sigmoid_trl_keeps_in_aot():

@@ -205,3 +205,17 @@ def test_an_empty_or_garbage_checkpoint_is_a_named_error_naming_the_file(tmp_pat
         load_module(empty)
     with pytest.raises(ValueError, match=r"garbage.ckpt: not a readable PyTorch checkpoint"):
         load_module(garbage)
+
+
+def test_a_method_argument_added_later_at_its_default_does_not_refuse_an_older_checkpoint():
+    """A checkpoint of an earlier vlsafe lacks a newer argument (e.g. `loss`, None by default): resuming it is
+    still the same run; a key with a real value on one side only still means another method."""
+    from vlsafe.ops.checkpoint_guard import resume_differences
+
+    saved = {"beta": 0.1, "vlm": {"class_path": "x"}}
+    method, _ = resume_differences(saved, {**saved, "loss": None})
+    assert method == []
+    method, _ = resume_differences(saved, {**saved, "loss": {"class_path": "vlsafe.methods.losses.SimPOLoss"}})
+    assert method == ["loss: only the recipe has it"]
+    method, _ = resume_differences({**saved, "sft_only": 1}, saved)
+    assert method == ["sft_only: only the checkpoint has it"]

@@ -24,12 +24,12 @@ from vlsafe.core.lora import is_peft
 from vlsafe.core.vlm import IGNORE_INDEX, VLM
 from vlsafe.data.encoders import PreferenceEncoder, PromptEncoder
 from vlsafe.methods.base import VLMModule
-from vlsafe.methods.losses import PairLogps, check_loss, preference_loss, response_logprobs
+from vlsafe.methods.losses import PairLogps, PreferenceLoss, loss_from_type, response_logprobs
 from vlsafe.methods.sft import supervised_positions
 from vlsafe.methods.shared_prompt import BUCKET_COST, shared_prompt_logps, shared_prompt_plan
 from vlsafe.monitoring.metrics import log_metrics, stage_metrics
 
-REFERENCE_MODES = ("copy", "adapter", "precomputed")
+REFERENCE_MODES = ("copy", "adapter", "precomputed", "none")
 BLIND_MODES = ("off", "rows", "sum")
 _STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
           "logps/rejected", "rewards/blind", "rewards/blind_accuracies", "rewards/blind_margins", "logps/blind")
@@ -90,11 +90,44 @@ def _checkpointing(llm: torch.nn.Module) -> bool:
     return bool(getattr(llm, name, False))
 
 
+def configured_loss(loss: PreferenceLoss | None, loss_type: str, beta: float, label_smoothing: float) -> PreferenceLoss:
+    """The loss object: `loss` if given (the string settings must then be defaults or agree), else `loss_type`'s."""
+    if loss is None:
+        return loss_from_type(loss_type, beta, label_smoothing)
+    if not isinstance(loss, PreferenceLoss):
+        raise TypeError(f"loss must be a vlsafe.methods.losses.PreferenceLoss, got {type(loss).__name__}")
+    name = loss.loss_type or type(loss).__name__
+    clashes = [f"{key}: {value!r}" for key, value, default, own in (
+        ("loss_type", loss_type, "sigmoid", name), ("beta", beta, 0.1, loss.beta),
+        ("label_smoothing", label_smoothing, 0.0, loss.label_smoothing)) if value not in (default, own)]
+    if clashes:
+        raise ValueError(f"loss {loss!r} is configured by its init_args; drop {', '.join(clashes)} from the "
+                         f"module's arguments (or set them in the loss)")
+    return loss
+
+
+def reference_for(loss: PreferenceLoss, reference: str) -> str:
+    """A reference-free loss builds no reference: the default `copy` becomes `none`, others are refused."""
+    if loss.needs_reference:
+        if reference == "none":
+            raise ValueError(f"reference='none' needs a reference-free loss (SimPOLoss, ORPOLoss); {loss!r} needs "
+                             f"a reference: use copy, adapter or precomputed")
+        return reference
+    if reference not in ("copy", "none"):
+        raise ValueError(f"{loss!r} needs no reference model; reference={reference!r} would build or read one for "
+                         f"nothing: leave `reference` out")
+    return "none"
+
+
 class PreferenceModule(VLMModule):
     """DPO / cDPO / robust / IPO / hinge (+ optional SFT term on chosen, RPO-style) with BPO's blind responses.
 
     - `loss_type`: `sigmoid` (DPO), `cdpo` and `robust` (with `label_smoothing`), `ipo` (TRL's: log-ratios
       averaged per token), `ipo_sum` (on summed log-ratios), `hinge`; see `vlsafe/methods/losses.py`.
+    - `loss`: a `PreferenceLoss` object instead (`loss: {class_path: vlsafe.methods.losses.SimPOLoss, init_args:
+      {beta: 2.0, gamma: 0.5}}`), with its own hyperparameters; `loss_type`/`beta`/`label_smoothing` then stay at
+      their defaults (or agree with it). The reference-free ones (`SimPOLoss`, `ORPOLoss`) build no reference
+      model: the default `reference: copy` becomes `none`; `adapter`/`precomputed` are refused with them.
     - `response_format`: `released` (MMSafe-PO: query ends with the separator after "ASSISTANT:", response
       tokenised on its own, no EOS scored) or `template` (the chat template's turn, " " + response + EOS,
       EOS scored, as SFT trains). `length_rule`: `released` (budget max_length - image tokens; a too-long
@@ -104,7 +137,10 @@ class PreferenceModule(VLMModule):
 
     - `reference`: `copy` (a frozen copy of the starting model), `adapter` (the same model with its LoRA
       adapter disabled and the starting projector; needs `lora`), or `precomputed` (log-probs stored in
-      the shards by tools/precompute_reference.py). All three give the same loss.
+      the shards by tools/precompute_reference.py). All three give the same loss. `none`: only with a
+      reference-free loss.
+    - Terms, weighted and summed: the pair's loss (weight 1), the blind pair's loss (`blind: sum`, weight 1),
+      the chosen token-mean NLL (weight `sft_weight` + the loss's own `nll_weight`, ORPO's SFT term).
     - `average_logprob`: length-normalised response log-probs instead of sums (the paper uses sums).
     - `share_image_features`: encode each image once per sample (default); off = once per sequence,
       as TRL does, kept for benchmarking.
@@ -115,10 +151,14 @@ class PreferenceModule(VLMModule):
     def __init__(self, *args: Any, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  sft_weight: float = 0.0, blind: str = "off", reference: str = "copy",
                  average_logprob: bool = False, share_image_features: bool = True, share_prompt: bool = True,
-                 response_format: str = "released", length_rule: str = "released", **kwargs: Any):
+                 response_format: str = "released", length_rule: str = "released",
+                 loss: PreferenceLoss | None = None, **kwargs: Any):
         from vlsafe.data.preference_encoding import LENGTH_RULES, RESPONSE_FORMATS, check_choice
 
-        check_loss(loss_type, label_smoothing)
+        self.loss_fn, self.loss_configured = configured_loss(loss, loss_type, beta, label_smoothing), loss is not None
+        # hyperparameters are recorded as given, so a resume's recipe compares equal (checkpoint_guard.check_resume)
+        self.given_hparams = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing,
+                              "reference": reference}
         self.response_format = check_choice("response_format", response_format, RESPONSE_FORMATS)
         self.length_rule = check_choice("length_rule", length_rule, LENGTH_RULES)
         self.length_counts: dict[str, int] = {}  # sequences cut by the length rule, per response (this run)
@@ -126,7 +166,9 @@ class PreferenceModule(VLMModule):
             raise ValueError(f"unknown blind mode {blind!r}; choose one of {BLIND_MODES}")
         if reference not in REFERENCE_MODES:
             raise ValueError(f"unknown reference {reference!r}; choose one of {REFERENCE_MODES}")
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        reference = reference_for(self.loss_fn, reference)
+        self.beta, self.label_smoothing = self.loss_fn.beta, self.loss_fn.label_smoothing
+        self.loss_type = self.loss_fn.loss_type or type(self.loss_fn).__name__
         self.sft_weight, self.blind, self.reference_mode = sft_weight, blind, reference
         self.average_logprob, self.share_image_features = average_logprob, share_image_features
         self.share_prompt = share_prompt
@@ -146,11 +188,10 @@ class PreferenceModule(VLMModule):
         self.train_metrics, self.val_metrics = stages["train"], stages["val"]
 
     def extra_hparams(self) -> dict[str, Any]:
-        return {"beta": self.beta, "loss_type": self.loss_type, "label_smoothing": self.label_smoothing,
-                "sft_weight": self.sft_weight, "blind": self.blind, "reference": self.reference_mode,
+        return {**self.given_hparams, "sft_weight": self.sft_weight, "blind": self.blind,
                 "average_logprob": self.average_logprob, "share_image_features": self.share_image_features,
                 "share_prompt": self.share_prompt, "response_format": self.response_format,
-                "length_rule": self.length_rule}
+                "length_rule": self.length_rule, "loss": self.loss_fn.hparams() if self.loss_configured else None}
 
     def _frozen_copy(self) -> VLM:
         """The starting model, frozen. A frozen vision tower is shared rather than copied."""
@@ -249,29 +290,32 @@ class PreferenceModule(VLMModule):
         k = len(batch["responses"])
         features, vision = self._features(batch.get("pixel_values"), k)
         policy = self._logps(self.vlm, batch, features).view(k, -1)
-        reference = self.reference_logps(batch, vision).view(k, -1).to(policy.dtype)
-        # scored tokens per sequence (TRL's IPO divides by them); means already when average_logprob
+        reference = None
+        if self.loss_fn.needs_reference:
+            reference = self.reference_logps(batch, vision).view(k, -1).to(policy.dtype)
+        # scored tokens per sequence (TRL's IPO, SimPO, ORPO divide by them); means already when average_logprob
         tokens = None if self.average_logprob else (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).view(k, -1)
 
         def pair(i: int) -> PairLogps:
-            return PairLogps(policy[0], policy[i], reference[0], reference[i], None if tokens is None else tokens[0],
+            return PairLogps(policy[0], policy[i], None if reference is None else reference[0],
+                             None if reference is None else reference[i], None if tokens is None else tokens[0],
                              None if tokens is None else tokens[i])
 
-        losses, chosen_rewards, rejected_rewards = preference_loss(self.loss_type, pair(1), self.beta,
-                                                                   self.label_smoothing)
+        losses, chosen_rewards, rejected_rewards = self.loss_fn(pair(1))
         stats = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                  "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                  "rewards/margins": chosen_rewards - rejected_rewards,
                  "logps/chosen": policy[0].detach(), "logps/rejected": policy[1].detach()}
         if self.blind == "sum":
-            blind_losses, _, blind_rewards = preference_loss(self.loss_type, pair(2), self.beta, self.label_smoothing)
+            blind_losses, _, blind_rewards = self.loss_fn(pair(2))
             losses = losses + blind_losses
             stats.update({"rewards/blind": blind_rewards, "logps/blind": policy[2].detach(),
                           "rewards/blind_accuracies": (chosen_rewards > blind_rewards).float(),
                           "rewards/blind_margins": chosen_rewards - blind_rewards})
         loss = losses.mean()
-        if self.sft_weight:
-            loss = loss + self.sft_weight * self._chosen_nll(batch, policy[0])
+        nll_weight = self.sft_weight + self.loss_fn.nll_weight
+        if nll_weight:
+            loss = loss + nll_weight * self._chosen_nll(batch, policy[0])
         stats["loss"] = loss.detach()
         return loss, stats
 

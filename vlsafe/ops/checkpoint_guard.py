@@ -151,8 +151,10 @@ def resume_differences(checkpoint_hparams: dict[str, Any], recipe_hparams: dict[
                        ) -> tuple[list[str], list[str]]:
     """(method/model differences, settings a resume ignores) between a checkpoint and the recipe.
 
-    A top-level key on one side only means another method. A recipe value of None for a settings group
-    (`optim: null`) means "the defaults" and is not compared; `vlm`/`lora` are always compared.
+    A top-level key on one side only means another method, unless its value there is None: an argument a
+    newer vlsafe added (or an older one dropped) at its default, so checkpoints of earlier versions still
+    resume. A recipe value of None for a settings group (`optim: null`) means "the defaults" and is not
+    compared; `vlm`/`lora` are always compared.
     """
     ckpt, recipe = _plain(checkpoint_hparams), _plain(recipe_hparams)  # dict(Namespace) would flatten keys
     ckpt.pop("_instantiator", None)
@@ -161,6 +163,8 @@ def resume_differences(checkpoint_hparams: dict[str, Any], recipe_hparams: dict[
     ignored: list[str] = []
     for key in sorted(set(ckpt) ^ set(recipe)):
         side = "the checkpoint" if key in ckpt else "the recipe"
+        if (ckpt if key in ckpt else recipe)[key] is None:
+            continue
         method.append(f"{key}: only {side} has it")
     for key in sorted(set(ckpt) & set(recipe)):
         if recipe[key] is None and key not in MODEL_KEYS:
