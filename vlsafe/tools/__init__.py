@@ -1,0 +1,1 @@
+"""The command-line tools behind `vlsafe <command>` and `python tools/<name>.py` (one module per command)."""
