@@ -11,15 +11,13 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from vlsafe.cli_sections import FORCED_CALLBACKS
 from vlsafe.data.datamodule import ShardDataModule
 from vlsafe.methods.base import MethodModule
 from vlsafe.ops.checkpoint_guard import (CheckpointGuard, CheckpointLoadError, check_resume, is_remote,
                                          read_checkpoint, report_ignored)
 from vlsafe.ops.checkpoint_io import use_atomic_checkpoint_io
-from vlsafe.ops.preemption import PreemptionCheckpoint
 from vlsafe.ops.resume import newest_resume_checkpoint
-from vlsafe.ops.rng import RNGStateCheckpoint
-from vlsafe.reliability.nonfinite import NonFiniteGuard
 from vlsafe.reliability.recipe_keys import RecipeKeyError, check_recipe_keys
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -48,9 +46,8 @@ class VLSafeCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         # Lightning's "forced callbacks": always added, configurable under their own key.
-        parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
-        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
-        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        for key, callback in FORCED_CALLBACKS.items():
+            parser.add_lightning_class_args(callback, key)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

@@ -68,6 +68,10 @@ class Presize:
         if self.rgb_mode not in RGB_MODES:
             raise ValueError(f"presize rgb_mode must be one of {RGB_MODES}, got {self.rgb_mode!r}")
 
+    def apply(self, data: bytes, sample_id: str, field_name: str) -> tuple[bytes, str]:
+        """`presize_image` with this record (what the shard writer calls: it needs no import of this module)."""
+        return presize_image(data, self, sample_id, field_name)
+
     @classmethod
     def for_processor(cls, processor) -> "Presize":
         """The settings a `VLMProcessor` applies, so shards can be pre-sized for exactly that model."""
@@ -79,13 +83,26 @@ class Presize:
                 "resample": "bicubic", **({"rgb_mode": self.rgb_mode} if self.rgb_mode != "composite" else {})}
 
 
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad to a centred square with `background` (LLaVA's `image_aspect_ratio='pad'`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
 def square_image(image: Image.Image, size: int, fill: tuple[int, int, int], pad_to_square: bool = True) -> Image.Image:
     """RGB image -> (size x size): pad to a centred square with `fill` (LLaVA's `image_aspect_ratio='pad'`),
     then bicubic resize. The processor runs this at load time and `presize_image` at writing time; an image
     already `size` x `size` comes back unchanged (PIL copies on a same-size resize), which is what makes
     pre-sized shards load bit-identically."""
-    from vlsafe.data.processor import expand2square  # the processor imports this module
-
     if pad_to_square:
         image = expand2square(image, fill)
     return image.resize((size, size), Image.Resampling.BICUBIC)
@@ -169,8 +186,6 @@ def presize_from_args(size: int | None, mean: list[float] | None = None, squash:
             raise ValueError("--presize-mean, --presize-squash, --presize-format, --presize-compress-level and "
                              "--presize-rgb-mode need --presize SIDE")
         return None
-    from vlsafe.data.processor import OPENAI_CLIP_MEAN  # the processor's default normalisation
-
     if compress_level is not None and fmt is None:
         fmt = "png"  # a deflate level only means something for PNG
     storage = {"format": fmt or "ppm", **({} if compress_level is None else {"compress_level": compress_level})}

@@ -14,13 +14,12 @@ from PIL import Image
 
 from vlsafe.core.vision import normalize_pixels
 from vlsafe.core.vlm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from vlsafe.data.images_presize import Presize, check_presized, mean_fill, presized_pixels, square_image
+from vlsafe.data.images_presize import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Presize, check_presized,  # noqa: F401
+                                        expand2square, mean_fill, presized_pixels, square_image)
 from vlsafe.data.schema import IMAGE_PLACEHOLDER, SampleError, check_text_length, default_max_text_chars, is_blank
 from vlsafe.data.shards import RGB_MODES, decode_image, to_rgb
 from vlsafe.data.templates import ChatTemplate, Segment, SpecialToken, get_template
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # A private-use character that stands in for the template's special tokens while a conversation that contains
 # special-token text (a literal "</s>") is tokenised as plain text; see `VLMProcessor._encode_plain`.
 _SPECIAL_STANDIN = "\U000F0000"
@@ -39,17 +38,6 @@ class Encoded:
     @property
     def num_supervised(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
-
-
-def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Pad to a centred square with `background` (LLaVA's `image_aspect_ratio='pad'`)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), background)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
 
 
 class VLMProcessor:

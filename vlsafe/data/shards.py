@@ -320,9 +320,7 @@ def sample_members(sample: Sample, key: str, presize: "Presize | None" = None) -
     for i, image in enumerate(sample.images):
         data, ext, size = inspect_image(image, sample.id, f"images[{i}]")
         if presize is not None:
-            from vlsafe.data.images_presize import presize_image  # it imports this module
-
-            data, ext = presize_image(data, presize, sample.id, f"images[{i}]")
+            data, ext = presize.apply(data, sample.id, f"images[{i}]")
         members[f"img{i}.{ext}"] = data
         sizes.append(size)
     mask_sizes = []

@@ -10,7 +10,7 @@ A failed write (disk full, quota, I/O error) removes the temporary file and rais
 naming the target; the previous checkpoint files are untouched. torch reports a full disk as
 `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`, with the `OSError` only in the
 exception chain, so the whole chain is searched. `check_writable` finds a read-only checkpoint folder at fit
-start instead of at the first save, and `load_checkpoint` reads through `checkpoint_guard.read_checkpoint`
+start instead of at the first save, and `load_checkpoint` reads through `checkpoint_read.read_checkpoint`
 (weights_only=True, also for http(s) URLs). Temporary names (`.vlsafe-partial-*`)
 contain neither "last" nor "hpc_ckpt", so Lightning's `last`/`hpc` lookup never selects one; partial files
 left by a killed process are removed by the next save in that directory.
@@ -30,6 +30,8 @@ from typing import IO, Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from vlsafe.ops.checkpoint_read import CheckpointLoadError, read_checkpoint
 
 log = logging.getLogger(__name__)
 PARTIAL_PREFIX = ".vlsafe-partial-"
@@ -163,8 +165,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
                         ) -> dict[str, Any]:
         """Every checkpoint Lightning restores (`--ckpt_path` file or URL, `last`, `hpc`) is read weights-only."""
-        from vlsafe.ops.checkpoint_guard import CheckpointLoadError, read_checkpoint
-
         if weights_only is False:
             raise CheckpointLoadError(f"{path}: weights_only=False was asked for; vlsafe never unpickles code from "
                                       f"a checkpoint (leave weights_only unset or true)")

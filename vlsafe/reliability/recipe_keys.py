@@ -112,29 +112,11 @@ def _check_class(spec: dict[str, Any], where: str, problems: list[str]) -> None:
             _check_value(value, hints.get(key), f"{where}.init_args.{key}", problems)
 
 
-class _ParserRecorder:
-    """Stands in for the CLI's parser to learn which extra sections `add_arguments_to_parser` adds."""
-
-    def __init__(self) -> None:
-        self.sections: dict[str, type] = {}
-
-    def add_lightning_class_args(self, cls: type, nested_key: str, *args: Any, **kwargs: Any) -> None:
-        self.sections[nested_key] = cls
-
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
-
-
 def cli_sections() -> dict[str, type]:
-    """Top-level sections the vlsafe CLI adds beyond Lightning's (e.g. forced callbacks), key -> class."""
-    try:
-        from vlsafe.cli import VLSafeCLI
+    """Top-level sections the vlsafe CLI adds beyond Lightning's (its forced callbacks), key -> class."""
+    from vlsafe.cli_sections import FORCED_CALLBACKS  # imports Lightning callbacks: only when checking
 
-        recorder = _ParserRecorder()
-        VLSafeCLI.add_arguments_to_parser(object.__new__(VLSafeCLI), recorder)
-        return recorder.sections
-    except Exception:  # the check must never be the reason a run cannot start
-        return {}
+    return dict(FORCED_CALLBACKS)
 
 
 def recipe_key_problems(config: dict[str, Any]) -> list[str]:
