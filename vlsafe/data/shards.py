@@ -21,15 +21,21 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import webdataset as wds
 from PIL import Image
 
 from vlsafe.data.schema import Sample, SampleError
 
-if TYPE_CHECKING:
-    from vlsafe.data.images_presize import Presize
+
+class ImagePresizer(Protocol):
+    """What the writer needs of `vlsafe.data.images_presize.Presize` (which builds on this module)."""
+
+    def apply(self, data: bytes, sample_id: str, field_name: str) -> tuple[bytes, str]: ...
+
+    def record(self) -> dict: ...
+
 
 log = logging.getLogger(__name__)
 #: Shard writers stage into `<out>/.staging-<host>-<pid>-<random>` (see `write_shards`).
@@ -307,7 +313,7 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------- writing
-def sample_members(sample: Sample, key: str, presize: "Presize | None" = None) -> dict[str, bytes | str]:
+def sample_members(sample: Sample, key: str, presize: ImagePresizer | None = None) -> dict[str, bytes | str]:
     """Encode one validated sample into tar members (all bytes); images and masks are decoded once to check
     them, and boxes/masks are checked against the first image's size. With `presize`, images are stored
     squared and resized to the model's side (PPM or PNG, see `vlsafe.data.images_presize`)."""
@@ -337,7 +343,7 @@ def sample_members(sample: Sample, key: str, presize: "Presize | None" = None) -
 
 def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, max_samples: int = 1000,
                  max_bytes: int = 512 * 2**20, prefix: str = "shard", on_error: str = "raise",
-                 progress: bool = False, total: int | None = None, presize: "Presize | None" = None) -> ShardIndex:
+                 progress: bool = False, total: int | None = None, presize: ImagePresizer | None = None) -> ShardIndex:
     """Validate and write samples to size-capped tar shards in `out_dir`, then write `index.json`.
 
     `presize` squares and resizes every image to a model's input side once, here, instead of in every
@@ -456,7 +462,7 @@ def _local_shard_names(out: Path) -> set[str]:
 
 def _write_shard_files(samples: Iterable[Sample], out: Path, staging: Path, max_samples: int, max_bytes: int,
                        prefix: str, on_error: str, progress: bool, total: int | None,
-                       presize: "Presize | None") -> ShardIndex:
+                       presize: ImagePresizer | None) -> ShardIndex:
     """Write the shards into `staging`; the returned index is not saved yet."""
     shards: list[ShardInfo] = []
     skipped: list[dict[str, str]] = []
