@@ -12,7 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tokenizer():
     from vlsafe.core.tokenizer import train_bpe_tokenizer
-    from vlsafe.data.templates import LLAMA2_SYSTEM, LLAVA_SYSTEM, VICUNA_SYSTEM
+    from vlsafe.data.encoding.templates import (
+        LLAMA2_SYSTEM,
+        LLAVA_SYSTEM,
+        VICUNA_SYSTEM,
+    )
 
     texts = [VICUNA_SYSTEM, LLAVA_SYSTEM, LLAMA2_SYSTEM, "USER: ASSISTANT: [INST] [/INST] <<SYS>> <</SYS>>",
              "What color is the circle? red green blue yellow. Is there a square? yes no. Describe the image."]
@@ -21,7 +25,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_vlm_builder():
-    from vlsafe.core.builders import TinyVLM
+    from vlsafe.builders import TinyVLM
 
     return TinyVLM(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, max_length=256)
 
@@ -29,7 +33,7 @@ def tiny_vlm_builder():
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory):
     """Small synthetic shard sets: train (qa), val (qa) and a mixed-kind set."""
-    from vlsafe.data.synthetic import write_world
+    from vlsafe.data.synthetic.world import write_world
 
     root = tmp_path_factory.mktemp("world")
     write_world(root / "train", 600, seed=0, kinds=["qa"], split="train", max_samples_per_shard=128)

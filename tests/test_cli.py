@@ -48,10 +48,12 @@ def small_run_args(tmp_path: Path, steps: int = 4) -> list[str]:
 @pytest.mark.parametrize("recipe", RECIPES, ids=str)
 def test_every_recipe_parses_against_the_classes_it_names(recipe, capsys, monkeypatch):
     from vlsafe.cli import main
+    from vlsafe.reliability.recipe_overlays import config_chain
 
+    base, *overlays = config_chain(ROOT / recipe)  # an overlay (e.g. bpo_lora.yaml) runs on top of its base
     monkeypatch.setattr(sys, "argv", ["tools/fit.py"])
     with pytest.raises(SystemExit) as exit_info:
-        main([str(ROOT / recipe), "--print_config"])
+        main([str(base), *(arg for overlay in overlays for arg in ("--config", str(overlay))), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path: vlsafe.methods." in printed and "trainer:" in printed
@@ -80,7 +82,7 @@ def test_fit_then_validate_predict_and_chain_bpo_from_the_checkpoint(tmp_path):
     assert ckpts, "fit must leave a checkpoint"
     state = torch.load(ckpts[0], weights_only=True, map_location="cpu")  # plain data, no pickled objects
     assert state["global_step"] == 4
-    assert state["hyper_parameters"]["vlm"]["class_path"] == "vlsafe.core.builders.TinyVLM"
+    assert state["hyper_parameters"]["vlm"]["class_path"] == "vlsafe.builders.TinyVLM"
 
     common = ["--config", recipe, *small_run_args(tmp_path), "--ckpt_path", str(ckpts[0])]
     validate = run(["validate", *common], tmp_path)
@@ -168,7 +170,7 @@ def test_a_checkpoint_of_another_method_is_refused_and_ignored_overrides_are_rep
     message = str(refused.value)
     assert type(refused.value).__name__ == "CheckpointMismatchError"
     assert "beta: only the recipe has it" in message and "FromCheckpoint, init_args: {path: " + str(ckpt) in message
-    assert "vlm.class_path: 'vlsafe.core.builders.FromCheckpoint' (recipe/CLI) vs 'vlsafe.core.builders.TinyVLM'" \
+    assert "vlm.class_path: 'vlsafe.builders.FromCheckpoint' (recipe/CLI) vs 'vlsafe.builders.TinyVLM'" \
         in message
 
     # the same method: resumes, and says which command-line values the checkpoint overrides

@@ -14,10 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsafe.core.vlm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from vlsafe.data.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VLMProcessor, image_bytes
-from vlsafe.data.shards import decode_image
-from vlsafe.data.templates import get_template
+from vlsafe.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vlsafe.data.encoding.processor import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    VLMProcessor,
+    image_bytes,
+)
+from vlsafe.data.encoding.templates import get_template
+from vlsafe.data.images import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +68,14 @@ def sentencepiece_style_tokenizer():
     """A Llama-style tokenizer built offline: spaces become "▁", "▁" is prepended to every piece of text
     (also right after a special token, as Llama's legacy tokenizer does), BPE with byte fallback, BOS added.
     It is not Vicuna's vocabulary, but it has the space handling LLaVA's masking arithmetic depends on."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
@@ -192,7 +204,9 @@ def clip_336_processor():
     backend: LLaVA's pinned transformers (4.37) resized with PIL; transformers 5 defaults to torchvision, whose
     bicubic differs by one grey level on some pixels."""
     try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        from transformers.models.clip.image_processing_pil_clip import (
+            CLIPImageProcessorPil,
+        )
     except ImportError:  # transformers 4.x: CLIPImageProcessor is the PIL one
         from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
@@ -236,7 +250,7 @@ def test_decoding_equals_pil_convert_rgb_on_images_without_alpha(mode):
 def test_transparent_pixels_differ_from_llava_unless_rgb_mode_pil(tokenizer):
     """The one case where the conversions differ: a transparent pixel keeps its hidden RGB under LLaVA.
     `rgb_mode="pil"` gives LLaVA's pixels, through the processor and through pre-sized shards."""
-    from vlsafe.data.images_presize import Presize, presize_image, presized_pixels
+    from vlsafe.data.images import Presize, presize_image, presized_pixels
 
     image = Image.new("RGBA", (40, 20), (10, 20, 30, 0))
     image.paste((200, 100, 50, 255), (0, 0, 20, 20))
@@ -338,9 +352,9 @@ def released_find_all_linear_names(model: torch.nn.Module) -> set[str]:
 def test_lora_wraps_the_released_target_modules(tiny_vlm, targets):
     """LLaVA (train.py:862-869, find_all_linear_names on the LLM) and LRV-V2 (utils/model_worker.py:53,
     target_modules=r'.*language_model.*\\.(q_proj|v_proj)')."""
-    from vlsafe.core.lora import LoraSettings, set_trainable
-
     import copy
+
+    from vlsafe.core.lora import LoraSettings, set_trainable
 
     vlm = copy.deepcopy(tiny_vlm)
     llm_linear = {name for name, m in vlm.llm.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -423,11 +437,11 @@ def test_llava_recipes_carry_the_released_core_settings(recipe):
     mlp2x_gelu, --mm_vision_select_layer -2, --lora_r 128 --lora_alpha 256 on find_all_linear_names."""
     import inspect
 
-    import yaml
+    from vlsafe.builders import FromParts
+    from vlsafe.reliability.recipe_overlays import config_chain
+    from vlsafe.tools.plan import load_recipe
 
-    from vlsafe.core.builders import FromParts
-
-    model = yaml.safe_load((ROOT / "recipes" / recipe).read_text())["model"]["init_args"]
+    model = load_recipe([str(path) for path in config_chain(ROOT / "recipes" / recipe)])["model"]["init_args"]
     vlm = model["vlm"]["init_args"]
     assert vlm["template"] == "vicuna_v1" and vlm["max_length"] == 2048
     if model["vlm"]["class_path"].endswith("FromParts"):

@@ -1,7 +1,8 @@
 """The paper recipes carry the released hyperparameters (docs/fidelity.md, "hyperparameters" rows).
 
 Each expectation names the released script it was read from (see ../shared/specs for the transcriptions).
-The recipes are read as plain YAML, so this checks what a user runs, not a default hidden in code.
+The recipes are read as plain YAML, so this checks what a user runs, not a default hidden in code; an overlay
+(e.g. bpo_lora.yaml) is read merged onto its base, as `vlsafe fit --config BASE --config OVERLAY` runs it.
 """
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from vlsafe.reliability.recipe_overlays import config_chain
+from vlsafe.tools.plan import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -35,11 +39,19 @@ RELEASED = [
     *[(name, "model.init_args.vlm.init_args.rgb_mode", "pil", "LLaVA llava/train/train.py:701")
       for name in ("sft.yaml", "sft_lora.yaml", "sft_from_llava_hf.yaml", "vlguard_mixed.yaml",
                    "vlguard_mixed_lora.yaml", "vlguard_posthoc.yaml", "vlguard_posthoc_lora.yaml")],
+    *[(name, "model.init_args.vlm.init_args.rgb_mode", "pil", "LLaVA train.py:701 / MMSafe-PO data_utils_dpo.py:122")
+      for name in ("scale/sft_7b_fsdp.yaml", "scale/sft_7b_fsdp2.yaml", "scale/sft_13b_deepspeed3.yaml",
+                   "scale/sft_13b_lora_fsdp.yaml", "scale/bpo_7b_deepspeed2.yaml", "scale/bpo_13b_deepspeed3.yaml")],
+    *[(name, "data.init_args.group_by_modality_length", True, "LLaVA scripts/v1_5/finetune.sh")
+      for name in ("scale/sft_7b_fsdp.yaml", "scale/sft_7b_fsdp2.yaml", "scale/sft_13b_deepspeed3.yaml",
+                   "scale/sft_13b_lora_fsdp.yaml")],
     # LLaVA-1.5 LoRA (scripts/v1_5/finetune_lora.sh): lr 2e-4, projector 2e-5, r 128 / alpha 256
     ("sft_lora.yaml", "model.init_args.optim.lr", 2e-4, "LLaVA scripts/v1_5/finetune_lora.sh"),
     ("sft_lora.yaml", "model.init_args.optim.projector_lr", 2e-5, "LLaVA scripts/v1_5/finetune_lora.sh"),
     ("sft_lora.yaml", "model.init_args.lora.r", 128, "LLaVA scripts/v1_5/finetune_lora.sh"),
     ("sft_lora.yaml", "model.init_args.lora.alpha", 256, "LLaVA scripts/v1_5/finetune_lora.sh"),
+    ("sft_lora.yaml", "data.init_args.group_by_modality_length", True,
+     "LLaVA scripts/v1_5/finetune_lora.sh --group_by_modality_length True"),
     # MMSafe-PO scripts/bpo.sh
     ("bpo.yaml", "model.init_args.beta", 0.1, "MMsafe-PO scripts/bpo.sh --dpo_beta"),
     ("bpo.yaml", "model.init_args.optim.lr", 1e-6, "MMsafe-PO scripts/bpo.sh --learning_rate"),
@@ -91,9 +103,37 @@ RELEASED = [
 @pytest.mark.parametrize("recipe,key,released,source", RELEASED,
                          ids=[f"{r}:{k.rsplit('.', 1)[-1]}" for r, k, _, _ in RELEASED])
 def test_paper_recipe_uses_the_released_value(recipe, key, released, source):
-    tree = yaml.safe_load((RECIPES / recipe).read_text())
+    tree = load_recipe([str(path) for path in config_chain(RECIPES / recipe)])
     value = _get(tree, key)
     if isinstance(released, float):
         assert value == pytest.approx(released), f"{recipe} {key} = {value}, released {released} ({source})"
     else:
         assert value == released, f"{recipe} {key} = {value}, released {released} ({source})"
+
+
+# ----------------------------------------------------------------------------- every key says what it is
+PAPER_RECIPES = sorted([*RECIPES.glob("*.yaml"), *(RECIPES / "scale").glob("*.yaml")])
+
+
+def _key_lines(node: yaml.Node) -> list[int]:
+    """0-based lines of the block-style keys (a flow mapping `{r: 8, ...}` is one setting, under its key)."""
+    lines = []
+    if isinstance(node, yaml.MappingNode) and not node.flow_style:
+        for key, value in node.value:
+            lines += [key.start_mark.line, *_key_lines(value)]
+    elif isinstance(node, yaml.SequenceNode) and not node.flow_style:
+        for item in node.value:
+            lines += _key_lines(item) if isinstance(item, yaml.MappingNode) and not item.flow_style \
+                else [item.start_mark.line]
+    return lines
+
+
+@pytest.mark.parametrize("recipe", PAPER_RECIPES, ids=lambda path: str(path.relative_to(RECIPES)))
+def test_every_key_of_a_paper_recipe_carries_a_comment(recipe):
+    """As litgpt's config_hub: the line above each key says its meaning, type/choices, default and source."""
+    text = recipe.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    bare = [f"{number + 1}: {lines[number].strip()}" for number in sorted(set(_key_lines(yaml.compose(text))))
+            if not (number and lines[number - 1].strip().startswith("#")) and " # " not in lines[number]]
+    assert not bare, f"{recipe.name}: keys without a comment:\n" + "\n".join(bare)
+    assert max(map(len, lines)) <= 120, f"{recipe.name}: a line longer than 120 characters"

@@ -14,11 +14,18 @@ from lightning.pytorch.cli import LightningCLI
 from vlsafe.cli_sections import FORCED_CALLBACKS
 from vlsafe.data.datamodule import ShardDataModule
 from vlsafe.methods.base import MethodModule
-from vlsafe.ops.checkpoint_guard import (CheckpointGuard, CheckpointLoadError, check_resume, is_remote,
-                                         read_checkpoint, report_ignored)
+from vlsafe.ops.checkpoint_guard import (
+    CheckpointGuard,
+    CheckpointLoadError,
+    check_resume,
+    is_remote,
+    read_checkpoint,
+    report_ignored,
+)
 from vlsafe.ops.checkpoint_io import use_atomic_checkpoint_io
 from vlsafe.ops.resume import newest_resume_checkpoint
 from vlsafe.reliability.recipe_keys import RecipeKeyError, check_recipe_keys
+from vlsafe.reliability.recipe_overlays import missing_base
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -80,7 +87,7 @@ class VLSafeCLI(LightningCLI):
             return
         checkpoint = read_checkpoint(ckpt_path)
         hparams = checkpoint.get("hyper_parameters") or {}
-        if "vlm" not in hparams and "model" not in hparams:  # "model": text-only modules (vlsafe.protector)
+        if "vlm" not in hparams and "model" not in hparams:  # "model": text-only modules (vlsafe.methods.protector)
             return super()._parse_ckpt_path() if not is_remote(ckpt_path) else None
         class_path = self.config[subcommand]["model"]["class_path"]
         recipe_hparams = self.config[subcommand]["model"].get("init_args") or {}
@@ -90,7 +97,8 @@ class VLSafeCLI(LightningCLI):
 
 
 def check_recipes(argv: list[str]) -> None:
-    """Name every unknown key of every `--config`/`-c` file at once, with the closest valid key, before parsing.
+    """Name every unknown key of every `--config`/`-c` file at once, with the closest valid key, before parsing;
+    and an overlay recipe given without its base (vlsafe.reliability.recipe_overlays), with the command to run.
 
     jsonargparse would stop at the first one with a long type explanation; a typo in a recipe should cost
     one glance.
@@ -104,6 +112,10 @@ def check_recipes(argv: list[str]) -> None:
             except RecipeKeyError as err:
                 print(f"error: {err}", file=sys.stderr)
                 raise SystemExit(2) from None
+    problem = missing_base(configs)  # an overlay alone would fail with jsonargparse's long type explanation
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,9 +6,9 @@ before parsing, can know these keys without importing the CLI.
 """
 from __future__ import annotations
 
+from vlsafe.ops.nonfinite import NonFiniteGuard
 from vlsafe.ops.preemption import PreemptionCheckpoint
 from vlsafe.ops.rng import RNGStateCheckpoint
-from vlsafe.reliability.nonfinite import NonFiniteGuard
 
 FORCED_CALLBACKS: dict[str, type] = {
     "rng_state": RNGStateCheckpoint,    # RNG state in every checkpoint: exact resume

@@ -30,13 +30,19 @@ COMMANDS: dict[str, Command] = {
     "precompute-reference": Command("vlsafe.tools.precompute_reference",
                                     "compute reference log-probs once for reference=precomputed"),
     "evaluate": Command("vlsafe.tools.evaluate", "evaluate a checkpoint on the suites an eval spec lists"),
+    "seed-spread": Command("vlsafe.tools.seed_spread",
+                           "train recipes once per seed, evaluate each model, report mean ± sd over seeds"),
     "guard": Command("vlsafe.tools.guard", "guarded generation: answer, score with a harm detector, fix"),
-    "merge-adapter": Command("vlsafe.tools.merge_adapter", "merge a LoRA adapter into its base model"),
-    "export": Command("vlsafe.tools.export", "convert a training checkpoint to a transformers LLaVA folder"),
+    "serve": Command("vlsafe.serving.cli", "OpenAI-compatible chat server with every answer guarded"),
+    "merge-adapter": Command("vlsafe.export.merge_adapter", "merge a LoRA adapter into its base model"),
+    "export": Command("vlsafe.export.cli",
+                      "a checkpoint as a transformers LLaVA folder: chat template, generation config, model card"),
     "report": Command("vlsafe.tools.report", "render a run's logged metrics as charts and a summary page"),
     "reliability-report": Command("vlsafe.tools.reliability_report",
                                   "push every catalogued bad input through the pipeline; print the table"),
     "bench": Command("vlsafe.tools.bench", "side-by-side benchmarks against the usual alternatives"),
+    "gpu-check": Command("vlsafe.tools.gpu_check", "bf16 SFT/DPO steps of a ~1B LLaVA on one GPU (FSDP2, TRL)"),
+    "plan": Command("vlsafe.tools.plan", "will this recipe fit? per-GPU memory per strategy and the cheapest fix"),
 }
 
 

@@ -9,13 +9,25 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
 
-from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, PreTrainedTokenizerFast)
-
-from vlsafe.core.interop import CheckpointError, export_llava_hf, load_llava_hf, load_llava_original
+from vlsafe.constants import IMAGE_TOKEN_INDEX
+from vlsafe.core.interop import (
+    CheckpointError,
+    export_llava_hf,
+    load_llava_hf,
+    load_llava_original,
+)
 from vlsafe.core.projector import build_projector
-from vlsafe.core.vlm import IMAGE_TOKEN_INDEX, VLM
+from vlsafe.core.vlm import VLM
 
 HF_IMAGE_ID = 127
 N_PATCHES = 16

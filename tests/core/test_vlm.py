@@ -2,10 +2,10 @@
 import pytest
 import torch
 
+from vlsafe.constants import IMAGE_TOKEN_INDEX
 from vlsafe.core.lora import LoraSettings, count_parameters, set_trainable
-from vlsafe.core.vlm import IMAGE_TOKEN_INDEX
-from vlsafe.data.encoders import ConversationEncoder, PromptEncoder
-from vlsafe.data.synthetic import generate
+from vlsafe.data.encoding.encoders import ConversationEncoder, PromptEncoder
+from vlsafe.data.synthetic.world import generate
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vlsafe.data.datamodule import ShardStream, Source
+from vlsafe.data.encoding.processor import image_bytes
 from vlsafe.data.grouping import conversation_length
 from vlsafe.data.plan import PlannedSource, plan_epoch, slot_sizes
-from vlsafe.data.processor import image_bytes
 from vlsafe.data.schema import Sample
 from vlsafe.data.shards import ShardInfo, write_shards
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsafe.data.encoders import ConversationEncoder
-from vlsafe.data.processor import VLMProcessor
+from vlsafe.data.encoding.encoders import ConversationEncoder
+from vlsafe.data.encoding.processor import VLMProcessor
+from vlsafe.data.images import image_header_size
 from vlsafe.data.schema import SampleError
-from vlsafe.data.shards import image_header_size, load_index, read_samples, write_shards
+from vlsafe.data.shards import load_index, read_samples, write_shards
 from vlsafe.data.sources.llava import llava_record_to_sample
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,8 +127,8 @@ def test_presized_image_for_other_processor_settings_is_refused(llava_folder, pr
 
 
 def test_presize_refuses_boxes_and_bad_flags(tmp_path):
-    from vlsafe.data.images_presize import Presize
-    from vlsafe.data.synthetic import generate
+    from vlsafe.data.images import Presize
+    from vlsafe.data.synthetic.world import generate
 
     grounding = list(generate(1, seed=0, kinds=["grounding"]))
     with pytest.raises(SampleError, match="would move the boxes"):
@@ -141,8 +142,13 @@ def test_presize_refuses_boxes_and_bad_flags(tmp_path):
 
 def test_bench_data_loaders_do_the_same_work(tmp_path):
     """The data benchmark is only fair if every loader yields the same samples with the same pixels."""
-    from vlsafe.bench.contenders import (_data_sources, data_processor, evict_from_page_cache, per_file_loader,
-                                         shard_loader)
+    from vlsafe.bench.contenders import (
+        _data_sources,
+        data_processor,
+        evict_from_page_cache,
+        per_file_loader,
+        shard_loader,
+    )
     from vlsafe.bench.setup import BenchConfig
 
     cfg = dataclasses.replace(BenchConfig.tiny(), data_samples=16)

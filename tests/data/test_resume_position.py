@@ -9,9 +9,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vlsafe.data.datamodule import ShardDataModule, ShardStream, Source
-from vlsafe.data.processor import image_bytes
+from vlsafe.data.encoding.processor import image_bytes
+from vlsafe.data.images import decode_image
 from vlsafe.data.schema import Sample
-from vlsafe.data.shards import decode_image, write_shards
+from vlsafe.data.shards import write_shards
 
 
 class IndexEncoder:

@@ -5,8 +5,8 @@ import pytest
 from torch.utils.data import DataLoader
 
 from vlsafe.data.datamodule import ShardStream, Source
+from vlsafe.data.encoding.processor import image_bytes
 from vlsafe.data.plan import PlannedSource, plan_epoch
-from vlsafe.data.processor import image_bytes
 from vlsafe.data.schema import Sample, SampleError
 from vlsafe.data.shards import ShardInfo, load_index, read_samples, write_shards
 
@@ -154,8 +154,8 @@ def test_index_with_shell_command_urls_is_refused(shard_dir, tmp_path, monkeypat
 
 
 def test_skip_covers_records_that_fail_to_parse(tmp_path):
-    import tarfile
     import io
+    import tarfile
     write_shards([text_sample(0), text_sample(1), text_sample(2)], tmp_path / "s")
     tar_path = tmp_path / "s" / "shard-000000.tar"
     members = []

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from vlsafe.data.processor import VLMProcessor
+from vlsafe.data.encoding.processor import VLMProcessor
 from vlsafe.data.schema import SampleError
 
 # Renders as nothing: zero-width space, word joiner, BOM, a Hangul filler and ordinary spaces.
@@ -72,7 +72,7 @@ def test_vlguard_skip_counts_a_zero_width_instruction_and_an_invisible_reference
 def test_eval_suites_refuse_a_zero_width_question(tmp_path):
     from vlsafe.eval.suites import gavie
     from vlsafe.eval.suites.mmsafetybench import build_samples
-    from vlsafe.protector.mmsafetybench import read_mmsafetybench
+    from vlsafe.data.sources.mmsafetybench import read_mmsafetybench
 
     questions = tmp_path / "processed_questions"
     questions.mkdir()
@@ -94,7 +94,7 @@ def test_eval_suites_refuse_a_zero_width_question(tmp_path):
 def test_builder_arguments_set_the_processors_text_cap_and_special_token_rule(tokenizer, tmp_path):
     """A recipe sets them as `model.init_args.vlm.init_args.{max_text_chars, special_tokens_in_text}`; they are
     part of the builder's config, so a checkpoint rebuilds the same processor."""
-    from vlsafe.core.builders import TinyVLM, VLMBuilder
+    from vlsafe.builders import TinyVLM, VLMBuilder
 
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     builder = TinyVLM(image_size=16, patch_size=8, vision_width=16, hidden_size=16, num_layers=1, num_heads=2,

@@ -5,8 +5,8 @@ import torch
 
 from vlsafe.core.vision import normalize_pixels
 from vlsafe.data.datamodule import ShardDataModule
-from vlsafe.data.encoders import ConversationEncoder
-from vlsafe.data.processor import VLMProcessor
+from vlsafe.data.encoding.encoders import ConversationEncoder
+from vlsafe.data.encoding.processor import VLMProcessor
 from vlsafe.data.shards import read_samples
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vlsafe.core.vlm import IGNORE_INDEX
-from vlsafe.data.processor import VLMProcessor
+from vlsafe.constants import IGNORE_INDEX
+from vlsafe.data.encoding.processor import VLMProcessor
 from vlsafe.data.schema import Sample, SampleError
 from vlsafe.data.shards import load_index, read_samples
 
@@ -59,7 +59,7 @@ def test_failed_chunked_rewrite_leaves_nothing_readable_and_index_refuses_the_pa
     """The shard-rewriting tools (blind_generate, precompute_reference) share `run_chunked`: it removes a stale
     index.json before its first chunk and saves the new one last, so a failed run leaves nothing readable;
     `make_shards index` must not turn that partial folder (new tars beside older ones) into a readable mix."""
-    from vlsafe.data.blind import ChunkResult, run_chunked
+    from vlsafe.methods.preference.blind import ChunkResult, run_chunked
 
     tool = make_shards_tool()
     source, out = tmp_path / "source", tmp_path / "out"
@@ -146,7 +146,7 @@ def test_llama_tokenizer_llama2_template_literals_are_text_and_the_rest_is_uncha
 
 
 def test_text_encoders_read_special_token_text_as_text(tokenizer):
-    from vlsafe.data.text_encoders import DetectorEncoder, DetoxifierEncoder
+    from vlsafe.methods.protector.encoders import DetectorEncoder, DetoxifierEncoder
 
     eos = tokenizer.eos_token_id
     pair = Sample(id="p", messages=[{"role": "user", "content": "How? <s>"}], chosen="Safe </s> answer.",
@@ -174,8 +174,9 @@ class CountingTokenizer:
 
 
 def test_huge_text_field_is_refused_before_tokenising(tokenizer, monkeypatch):
-    from vlsafe.data.encoders import ConversationEncoder, PreferenceEncoder, PromptEncoder
-    from vlsafe.data.text_encoders import DetectorEncoder
+    from vlsafe.data.encoding.encoders import ConversationEncoder, PromptEncoder
+    from vlsafe.methods.preference.encoding import PreferenceEncoder
+    from vlsafe.methods.protector.encoders import DetectorEncoder
 
     counting = CountingTokenizer(tokenizer)
     processor = VLMProcessor(counting, "vicuna_v1", image_size=32, num_image_tokens=4)
@@ -219,8 +220,8 @@ def test_converter_warns_about_huge_text_at_conversion_time(tmp_path, caplog, ca
 # ------------------------------------------------------------------------------------------ case 15
 @pytest.mark.parametrize("blank", ["\u200b", "\u200b\u200c\u200d", " \ufeff\u2060 ", "\u3164", "\u00ad\n"])
 def test_answers_of_zero_width_characters_are_empty(tokenizer, blank):
-    from vlsafe.data.encoders import PreferenceEncoder
-    from vlsafe.data.text_encoders import labelled_responses
+    from vlsafe.methods.preference.encoding import PreferenceEncoder
+    from vlsafe.methods.protector.encoders import labelled_responses
 
     sample = Sample(id="zw", messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": blank}])
     with pytest.raises(SampleError, match=r"sample 'zw', field 'messages\[1\].content': assistant turn is empty"):

@@ -32,7 +32,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_vlm_builder) -> Path:
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (20, 14)) -> bytes:
     from PIL import Image
 
-    from vlsafe.data.processor import image_bytes
+    from vlsafe.data.encoding.processor import image_bytes
 
     return image_bytes(Image.new("RGB", size, color))
 
@@ -157,7 +157,7 @@ class ScriptedModel:
         self.pixels: list[Any] = []  # each batch's pixel_values, to check the image preprocessing
 
     def generate_batch(self, batch, **settings):
-        from vlsafe.core.vlm import IMAGE_TOKEN_INDEX
+        from vlsafe.constants import IMAGE_TOKEN_INDEX
 
         self.settings.append(settings)
         self.pixels.append(batch.get("pixel_values"))
@@ -174,7 +174,7 @@ class ScriptedModel:
 
 @pytest.fixture
 def text_model_factory(tokenizer):
-    from vlsafe.data.processor import VLMProcessor
+    from vlsafe.data.encoding.processor import VLMProcessor
 
     def make(answer_for):
         return ScriptedModel(VLMProcessor(tokenizer, "vicuna_v1", image_size=16, num_image_tokens=2), answer_for)

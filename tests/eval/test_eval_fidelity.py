@@ -55,7 +55,7 @@ def real_shaped_vlguard(root: Path) -> Path:
 
 
 def test_the_real_vlguard_test_set_gives_442_558_558(tmp_path, text_model_factory, fake_server, chat_reply):
-    from vlsafe.data.sources import vlguard as source
+    from vlsafe.data.sources.vlguard import VLGuardSource
     from vlsafe.eval.suites import vlguard
 
     root = real_shaped_vlguard(tmp_path / "vg")
@@ -69,7 +69,7 @@ def test_the_real_vlguard_test_set_gives_442_558_558(tmp_path, text_model_factor
     stats: Counter = Counter()
     args = Namespace(json=[str(root / "test.json")], images=str(root / "test"),
                      eval_subsets=["unsafes", "safe_unsafes", "safe_safes"])
-    samples = list(source.cli_samples(args, None, stats))
+    samples = list(VLGuardSource().samples(args, None, stats))
     assert Counter(s.meta["subset"] for s in samples) == {"unsafes": 442, "safe_unsafes": 558, "safe_safes": 558}
     assert (stats["unsafes"], stats["safe_unsafes"], stats["safe_safes"]) == (442, 558, 558)
     assert stats["safe_safes_without_reference"] == 17 and not stats["skipped"]
@@ -96,7 +96,10 @@ def test_the_real_vlguard_test_set_gives_442_558_558(tmp_path, text_model_factor
 
 
 def test_a_repeated_vlguard_id_is_warned_about_and_kept_apart(tmp_path, caplog):
-    from vlsafe.data.sources.vlguard import vlguard_eval_samples, vlguard_training_samples
+    from vlsafe.data.sources.vlguard import (
+        vlguard_eval_samples,
+        vlguard_training_samples,
+    )
 
     row = {"id": "Ads_1", "image": "bad_ads/a.png", "safe": False, "harmful_category": "privacy",
            "harmful_subcategory": "personal data", "instr-resp": [{"instruction": "Who?", "response": "No."}]}
@@ -126,7 +129,11 @@ def test_crop_is_the_clip_image_processor(size, tokenizer):
     from PIL import Image
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from vlsafe.data.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VLMProcessor
+    from vlsafe.data.encoding.processor import (
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+        VLMProcessor,
+    )
     from vlsafe.eval.image_preprocess import processor_for
 
     data = _photo(*size)

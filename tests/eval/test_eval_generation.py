@@ -10,7 +10,7 @@ import pytest
 def _samples(n, with_image=True):
     from PIL import Image
 
-    from vlsafe.data.processor import image_bytes
+    from vlsafe.data.encoding.processor import image_bytes
     from vlsafe.data.schema import Sample
 
     image = image_bytes(Image.new("RGB", (12, 9), (200, 30, 30)))

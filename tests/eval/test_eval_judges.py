@@ -123,7 +123,12 @@ def test_detector_judge_thresholds_p_safe():
 
 
 def test_judge_configs():
-    from vlsafe.eval.judges import ChatSafetyJudge, StringMatchJudge, build_judge, safety_judge
+    from vlsafe.eval.judges import (
+        ChatSafetyJudge,
+        StringMatchJudge,
+        build_judge,
+        safety_judge,
+    )
 
     assert isinstance(build_judge("string_match"), StringMatchJudge)
     with pytest.raises(ValueError, match="unknown judge type 'gpt'"):
@@ -140,7 +145,7 @@ def test_judge_configs():
 
 
 def test_detector_judge_loads_the_protector_harm_detector_lazily(tmp_path, tokenizer):
-    """A `{type: detector}` config imports vlsafe.protector.HarmDetector only when first used and scores
+    """A `{type: detector}` config imports vlsafe.methods.protector.HarmDetector only when first used and scores
     exactly what the classifier says (sigmoid of its logit on the detector's input format)."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification

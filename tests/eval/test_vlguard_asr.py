@@ -57,7 +57,7 @@ FIXTURE = [
 
 
 def test_keyword_data_is_the_released_list_verbatim():
-    from vlsafe.eval.refusal import vlguard_keywords
+    from vlsafe.monitoring.refusal import vlguard_keywords
 
     assert list(vlguard_keywords()) == RELEASED_REJECT_LIST
     assert len(RELEASED_REJECT_LIST) == 63 and len(set(RELEASED_REJECT_LIST)) == 59

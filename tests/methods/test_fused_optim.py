@@ -4,9 +4,9 @@ import lightning as L
 import pytest
 import torch
 
-from vlsafe.core.builders import TinyVLM
-from vlsafe.data.encoders import ConversationEncoder
-from vlsafe.data.synthetic import generate
+from vlsafe.builders import TinyVLM
+from vlsafe.data.encoding.encoders import ConversationEncoder
+from vlsafe.data.synthetic.world import generate
 from vlsafe.methods.base import fused_adamw_blocker
 from vlsafe.methods.sft import SFTModule
 

@@ -4,15 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlsafe.core.builders import TinyVLM
-from vlsafe.core.vlm import IGNORE_INDEX
-from vlsafe.data.encoders import ConversationEncoder
+from vlsafe.builders import TinyVLM
+from vlsafe.constants import IGNORE_INDEX
+from vlsafe.data.encoding.encoders import ConversationEncoder
 from vlsafe.data.shards import read_samples
-from vlsafe.data.synthetic import generate
-from vlsafe.data.synthetic_module import SyntheticWorld
+from vlsafe.data.synthetic.module import SyntheticWorld
+from vlsafe.data.synthetic.world import generate
 from vlsafe.eval.answers import evaluate_answers
 from vlsafe.methods.base import lr_lambda
-from vlsafe.methods.sft import SFTModule, masked_lm_loss, supervised_positions
+from vlsafe.methods.logprobs import masked_lm_loss, supervised_positions
+from vlsafe.methods.sft import SFTModule
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_sft_steps_under_bf16_precision(precision, tmp_path):
 
 def test_sft_from_an_exported_llava_hf_folder_trains_in_train_mode(tmp_path):
     """LlavaHF builder end to end: export a tiny model, rebuild it through the recipe builder, train a step."""
-    from vlsafe.core.builders import LlavaHF
+    from vlsafe.builders import LlavaHF
     from vlsafe.core.interop import export_llava_hf
 
     vlm, processor = TinyVLM(hidden_size=32, intermediate_size=64).build()
@@ -125,7 +126,7 @@ def test_sft_from_an_exported_llava_hf_folder_trains_in_train_mode(tmp_path):
 
 
 def test_generate_batch_greedy_is_deterministic_and_sampling_follows_the_seed(module):
-    from vlsafe.data.encoders import PromptEncoder
+    from vlsafe.data.encoding.encoders import PromptEncoder
 
     encoder = PromptEncoder(module.processor)
     batch = encoder.collate([encoder.encode(s) for s in generate(3, seed=11, kinds=["qa", "caption"])])

@@ -9,8 +9,8 @@ hidden-64 model), so the margins are for what such a run learns; the README repo
 import lightning as L
 import pytest
 
-from vlsafe.core.builders import FromCheckpoint, TinyVLM
-from vlsafe.data.synthetic_module import SyntheticWorld
+from vlsafe.builders import FromCheckpoint, TinyVLM
+from vlsafe.data.synthetic.module import SyntheticWorld
 from vlsafe.eval.suites import synthetic as synthetic_suite
 from vlsafe.methods.sft import SFTModule
 

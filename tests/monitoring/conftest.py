@@ -13,8 +13,8 @@ import pytest
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from vlsafe.core.builders import TinyVLM
-from vlsafe.data.synthetic_module import SyntheticWorld
+from vlsafe.builders import TinyVLM
+from vlsafe.data.synthetic.module import SyntheticWorld
 from vlsafe.monitoring.throughput import VLMThroughputMonitor
 
 PEAK_FLOPS = 1.0e11
@@ -91,7 +91,7 @@ def sft_run(tmp_path_factory) -> Run:
 @pytest.fixture(scope="session")
 def bpo_run(tmp_path_factory) -> Run:
     from vlsafe.eval.safety import SafetyRate
-    from vlsafe.methods.preference import PreferenceModule
+    from vlsafe.methods.preference.module import PreferenceModule
 
     root = tmp_path_factory.mktemp("bpo_run")
     L.seed_everything(0)

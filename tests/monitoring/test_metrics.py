@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchmetrics import MeanMetric
 
-from vlsafe.methods.preference import preference_metrics
+from vlsafe.methods.preference.module import preference_metrics
 from vlsafe.methods.sft import sft_metrics
 from vlsafe.monitoring.metrics import TokenPerplexity, log_metrics, stage_metrics
 

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlsafe.reliability.recipe_overlays import config_chain
+from vlsafe.tools.plan import load_recipe
+
 ROOT = Path(__file__).resolve().parents[2]
 # the recipes this change equipped; new recipes should copy their logger/callback block
 RECIPES = ["sft", "sft_lora", "sft_from_llava_hf", "bpo", "bpo_lora", "dpo", "demo/sft", "demo/bpo", "demo/dpo",
@@ -17,7 +20,8 @@ RECIPES = ["sft", "sft_lora", "sft_from_llava_hf", "bpo", "bpo_lora", "dpo", "de
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_logs_csv_and_tensorboard_and_throughput(name):
-    trainer = yaml.safe_load((ROOT / f"recipes/{name}.yaml").read_text())["trainer"]
+    recipe = load_recipe([str(path) for path in config_chain(ROOT / f"recipes/{name}.yaml")])  # overlay on its base
+    trainer = recipe["trainer"]
     loggers = [entry["class_path"] for entry in trainer["logger"]]
     assert loggers == ["lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger"], \
         "CSV first: its folder is trainer.log_dir, where config.yaml and the eval JSONs land for tools/report.py"

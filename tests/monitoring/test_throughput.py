@@ -5,8 +5,12 @@ import pytest
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
 
-from vlsafe.data.synthetic import generate
-from vlsafe.monitoring.throughput import VLMThroughputMonitor, batch_samples, batch_tokens
+from vlsafe.data.synthetic.world import generate
+from vlsafe.monitoring.throughput import (
+    VLMThroughputMonitor,
+    batch_samples,
+    batch_tokens,
+)
 
 
 def test_samples_and_tokens_are_counted_per_sample_not_per_response_row(bpo_run):

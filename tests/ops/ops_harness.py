@@ -44,12 +44,12 @@ model:
   class_path: vlsafe.methods.sft.SFTModule
   init_args:
     vlm:
-      class_path: vlsafe.core.builders.TinyVLM
+      class_path: vlsafe.builders.TinyVLM
       init_args: {{hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 4}}
     lora: {{r: 4, alpha: 8, dropout: 0.1}}
     optim: {{lr: 3.0e-3, warmup_steps: 3}}
 data:
-  class_path: vlsafe.data.synthetic_module.SyntheticWorld
+  class_path: vlsafe.data.synthetic.module.SyntheticWorld
   init_args: {{root: {world}, kinds: [qa], train_samples: 40, val_samples: 8, batch_size: 4, num_workers: 2,
               shuffle_buffer: 16}}
 """

@@ -10,7 +10,12 @@ import lightning as L
 import pytest
 import torch
 
-from vlsafe.ops.checkpoint_io import PARTIAL_PREFIX, AtomicCheckpointIO, CheckpointWriteError, _host_tag
+from vlsafe.ops.checkpoint_io import (
+    PARTIAL_PREFIX,
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    _host_tag,
+)
 
 
 class Linear(L.LightningModule):
@@ -177,10 +182,10 @@ model:
   class_path: vlsafe.methods.sft.SFTModule
   init_args:
     vlm:
-      class_path: vlsafe.core.builders.TinyVLM
+      class_path: vlsafe.builders.TinyVLM
       init_args: {{hidden_size: 32, intermediate_size: 64, num_layers: 1, num_heads: 2}}
 data:
-  class_path: vlsafe.data.synthetic_module.SyntheticWorld
+  class_path: vlsafe.data.synthetic.module.SyntheticWorld
   init_args: {{root: {tmp_path / "world"}, kinds: [qa], train_samples: 8, val_samples: 0, batch_size: 4,
               num_workers: 0}}
 """)

@@ -14,10 +14,9 @@ import signal
 import time
 from pathlib import Path
 
+import ops_harness as h
 import pytest
 import torch
-
-import ops_harness as h
 
 pytestmark = pytest.mark.slow
 STEPS = 10  # one epoch of the harness recipe
@@ -30,7 +29,7 @@ def saved_step(path: Path) -> int:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """The harness's synthetic shards, written once here so the subprocesses only read them."""
-    from vlsafe.data.synthetic_module import SyntheticWorld
+    from vlsafe.data.synthetic.module import SyntheticWorld
 
     root = tmp_path_factory.mktemp("group_world") / "world"
     SyntheticWorld(root=str(root), kinds=["qa"], train_samples=40, val_samples=8).prepare_data()

@@ -23,7 +23,7 @@ class CountingModule(L.LightningModule):
         self.processor, self.weight, self.seen = processor, torch.nn.Parameter(torch.zeros(())), []
 
     def data_encoder(self, stage):
-        from vlsafe.data.encoders import ConversationEncoder
+        from vlsafe.data.encoding.encoders import ConversationEncoder
         return ConversationEncoder(self.processor)
 
     def training_step(self, batch, batch_idx):

@@ -16,7 +16,7 @@ def test_reader_checks_geometry_of_shards_written_elsewhere(tmp_path):
     """A shard whose JSON was edited after writing (box now outside the 20x10 image) is refused on read."""
     from PIL import Image
 
-    from vlsafe.data.processor import image_bytes
+    from vlsafe.data.encoding.processor import image_bytes
     from vlsafe.data.schema import SampleError
     from vlsafe.data.shards import read_samples, write_shards
     from vlsafe.reliability.bad_inputs import _rewrite_members, qa

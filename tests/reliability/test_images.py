@@ -15,8 +15,8 @@ def test_image_case(case, bench, assert_case):
 
 def test_bomb_limit_is_configurable(bench, monkeypatch):
     """The limit is explicit: raising VLSAFE_MAX_IMAGE_PIXELS lets a big (real) image through."""
+    from vlsafe.data.images import encoded_image
     from vlsafe.data.schema import SampleError
-    from vlsafe.data.shards import encoded_image
 
     data = io.BytesIO()
     Image.new("L", (300, 300)).save(data, format="PNG")
@@ -29,7 +29,7 @@ def test_bomb_limit_is_configurable(bench, monkeypatch):
 
 def test_corrupt_image_in_a_shard_is_named_at_training_time(bench, tmp_path):
     """Bit rot after writing: the reader does not decode, so the processor must name the sample and field."""
-    from vlsafe.data.encoders import ConversationEncoder
+    from vlsafe.data.encoding.encoders import ConversationEncoder
     from vlsafe.data.schema import SampleError
     from vlsafe.data.shards import read_samples, write_shards
     from vlsafe.reliability.bad_inputs import _png, _rewrite_members
@@ -43,7 +43,7 @@ def test_corrupt_image_in_a_shard_is_named_at_training_time(bench, tmp_path):
 
 def test_bomb_limit_variable_names_itself_when_malformed_and_accepts_suffixes(monkeypatch):
     """Issue 16.15: `VLSAFE_MAX_IMAGE_PIXELS=50M` gave a bare `int()` error."""
-    from vlsafe.data.shards import max_image_pixels
+    from vlsafe.data.images import max_image_pixels
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # a raised limit also raises PIL's
     for value, pixels in (("50M", 50_000_000), ("89_478_485", 89_478_485), ("1.5G", 1_500_000_000), ("500k", 500_000)):

@@ -33,7 +33,7 @@ def tripwire(tmp_path):
 
 
 def test_poisoned_checkpoints_are_refused_not_run(tripwire, tmp_path):
-    from vlsafe.core.builders import FromCheckpoint, load_projector_weights
+    from vlsafe.builders import FromCheckpoint, load_projector_weights
     from vlsafe.core.interop import _load_file
 
     path, marker = tripwire
@@ -53,7 +53,7 @@ def test_cli_ckpt_path_is_read_weights_only(tripwire):
 
     path, marker = tripwire
     with pytest.raises(Exception, match="[Ww]eights.only|Unsupported global"):
-        main(["validate", "--model", "vlsafe.methods.sft.SFTModule", "--model.vlm", "vlsafe.core.builders.TinyVLM",
+        main(["validate", "--model", "vlsafe.methods.sft.SFTModule", "--model.vlm", "vlsafe.builders.TinyVLM",
               "--data", "vlsafe.data.datamodule.ShardDataModule", "--ckpt_path", str(path)])
     assert not marker.exists()
 
@@ -73,7 +73,7 @@ def remote_code_model(tmp_path):
 
 
 def test_remote_code_is_not_run_by_default(remote_code_model, monkeypatch):
-    from vlsafe.core.builders import FromParts, LlavaHF
+    from vlsafe.builders import FromParts, LlavaHF
     from vlsafe.core.vision import VisionTower
 
     folder, marker = remote_code_model
@@ -90,7 +90,7 @@ def test_remote_code_is_not_run_by_default(remote_code_model, monkeypatch):
 def test_trust_remote_code_is_passed_through_only_when_the_recipe_sets_it(monkeypatch):
     import transformers
 
-    from vlsafe.core.builders import FromParts
+    from vlsafe.builders import FromParts
 
     seen = []
 
@@ -215,7 +215,7 @@ def test_a_method_argument_added_later_at_its_default_does_not_refuse_an_older_c
     saved = {"beta": 0.1, "vlm": {"class_path": "x"}}
     method, _ = resume_differences(saved, {**saved, "loss": None})
     assert method == []
-    method, _ = resume_differences(saved, {**saved, "loss": {"class_path": "vlsafe.methods.losses.SimPOLoss"}})
+    method, _ = resume_differences(saved, {**saved, "loss": {"class_path": "vlsafe.methods.preference.losses.SimPOLoss"}})
     assert method == ["loss: only the recipe has it"]
     method, _ = resume_differences({**saved, "sft_only": 1}, saved)
     assert method == ["sft_only: only the checkpoint has it"]

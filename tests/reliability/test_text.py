@@ -12,8 +12,8 @@ def test_text_case(case, bench, assert_case):
 
 
 def test_truncated_samples_keep_their_answer_tokens_and_are_counted(bench):
-    from vlsafe.core.vlm import IGNORE_INDEX
-    from vlsafe.data.encoders import ConversationEncoder
+    from vlsafe.constants import IGNORE_INDEX
+    from vlsafe.data.encoding.encoders import ConversationEncoder
     from vlsafe.reliability.bad_inputs import qa
 
     encoder = ConversationEncoder(bench.short)

@@ -6,10 +6,14 @@ import lightning as L
 import pytest
 import torch
 
-from vlsafe.core.builders import TinyVLM
-from vlsafe.data.synthetic_module import SyntheticWorld
+from vlsafe.builders import TinyVLM
+from vlsafe.data.synthetic.module import SyntheticWorld
 from vlsafe.methods.sft import SFTModule
-from vlsafe.reliability.nonfinite import NonFiniteGuard, NonFiniteStepWarning, NonFiniteTrainingError
+from vlsafe.ops.nonfinite import (
+    NonFiniteGuard,
+    NonFiniteStepWarning,
+    NonFiniteTrainingError,
+)
 
 
 class Inject(L.Callback):

@@ -32,7 +32,7 @@ def run_job(script: str, args: list[str], timeout: int = 600) -> subprocess.Comp
 def tiny_tokenizer_dir(tmp_path_factory) -> str:
     """TinyVLM's own tokenizer, saved once so every build skips training it."""
     from vlsafe.core.tokenizer import train_bpe_tokenizer
-    from vlsafe.data.synthetic import corpus
+    from vlsafe.data.synthetic.world import corpus
 
     folder = tmp_path_factory.mktemp("tiny_tokenizer")
     train_bpe_tokenizer(corpus(), vocab_size=1024).save_pretrained(str(folder))
@@ -40,7 +40,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
 
 
 def tiny_module(tokenizer_dir: str, **kwargs):
-    from vlsafe.core.builders import TinyVLM
+    from vlsafe.builders import TinyVLM
     from vlsafe.methods.sft import SFTModule
 
     return SFTModule(vlm=TinyVLM(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, max_length=256,
@@ -50,7 +50,7 @@ def tiny_module(tokenizer_dir: str, **kwargs):
 @pytest.fixture(scope="session")
 def fsdp2_run(tmp_path_factory, world_dir, tiny_tokenizer_dir) -> tuple[Path, dict]:
     """tests/scale/fsdp2_job.py on 2 CPU processes: train, save DCP, resume, LoRA, DPO; see its docstring."""
-    from vlsafe.data.synthetic import write_world
+    from vlsafe.data.synthetic.world import write_world
 
     out = tmp_path_factory.mktemp("fsdp2_run")
     write_world(out / "preference", 32, seed=0, kinds=["preference"], split="train", max_samples_per_shard=32)
@@ -90,7 +90,7 @@ def lightning_checkpoint(tmp_path_factory, world_dir, tiny_tokenizer_dir) -> tup
 
 
 def fixed_batch(num_image_tokens: int, rows: int = 2) -> dict[str, torch.Tensor]:
-    from vlsafe.core.vlm import IMAGE_TOKEN_INDEX
+    from vlsafe.constants import IMAGE_TOKEN_INDEX
 
     g = torch.Generator().manual_seed(1)
     text = torch.randint(3, 200, (rows, 12), generator=g)
@@ -102,7 +102,7 @@ def fixed_batch(num_image_tokens: int, rows: int = 2) -> dict[str, torch.Tensor]
 @torch.no_grad()
 def hf_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a transformers LLaVA model on a vlsafe batch (image sentinels -> its image token)."""
-    from vlsafe.core.vlm import IMAGE_TOKEN_INDEX
+    from vlsafe.constants import IMAGE_TOKEN_INDEX
 
     ids = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_INDEX, model.config.image_token_index)
     mask = batch.get("attention_mask", torch.ones_like(ids))

@@ -25,8 +25,8 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", "29517")
     import deepspeed
 
-    from vlsafe.core.builders import TinyVLM
-    from vlsafe.core.vlm import IMAGE_TOKEN_INDEX
+    from vlsafe.builders import TinyVLM
+    from vlsafe.constants import IMAGE_TOKEN_INDEX
     from vlsafe.methods.sft import SFTModule
     from vlsafe.scale.deepspeed import register_zero3_external_parameters, zero_config
 

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from vlsafe.core.builders import TinyVLM
+from vlsafe.builders import TinyVLM
 from vlsafe.data.datamodule import ShardDataModule
 from vlsafe.methods.sft import SFTModule
 from vlsafe.scale.fsdp2 import FSDP2
@@ -116,7 +116,7 @@ def main() -> None:
     resumed.eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 200, (2, 12), generator=g)
-    from vlsafe.core.vlm import IMAGE_TOKEN_INDEX
+    from vlsafe.constants import IMAGE_TOKEN_INDEX
     n_img = resumed.vlm.num_image_tokens
     ids = torch.cat([ids[:, :2], torch.full((2, n_img), IMAGE_TOKEN_INDEX), ids[:, 2:]], dim=1)
     pixels = torch.randn(2, 3, 64, 64, generator=g)
@@ -142,7 +142,7 @@ def main() -> None:
         lora_logits = lora_module.vlm(ids, torch.ones_like(ids), pixel_values=pixels).logits
     # phase 4: DPO with a frozen reference copy that shares the frozen vision tower with the policy
     if args.preference:
-        from vlsafe.methods.preference import PreferenceModule
+        from vlsafe.methods.preference.module import PreferenceModule
 
         log4 = LossLog()
         dpo = PreferenceModule(vlm=builder(args.tokenizer), train_vision=False, beta=0.5,

@@ -12,8 +12,20 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from vlsafe.bench.setup import (BenchConfig, batches, export_hf, freeze_like_vlsafe, frozen_copy, hf_labels,
-                                real_tokens, synthetic_samples, to_hf_inputs)
+from vlsafe.bench.setup import (
+    BenchConfig,
+    batches,
+    export_hf,
+    freeze_like_vlsafe,
+    frozen_copy,
+    hf_labels,
+    real_tokens,
+    synthetic_samples,
+    to_hf_inputs,
+)
+
+from vlsafe.bench.packing import PACKING_CONTENDERS
+from vlsafe.bench.serving import SERVING_CONTENDERS
 
 Result = dict[str, Any]
 
@@ -39,6 +51,8 @@ class _StepClock:
         self.times: list[float] = []
 
     def tick(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # kernels still queued belong to the step that launched them
         self.times.append(time.perf_counter())
 
 
@@ -72,16 +86,18 @@ def _sft_batches(cfg: BenchConfig, module) -> list[dict[str, Any]]:
 def cli_forced_callbacks() -> list:
     """The callbacks `tools/fit.py` adds to every run (`VLSafeCLI.add_arguments_to_parser`), with their defaults:
     the benchmark times what users run, per-step guards included."""
+    from vlsafe.ops.nonfinite import NonFiniteGuard
     from vlsafe.ops.preemption import PreemptionCheckpoint
     from vlsafe.ops.rng import RNGStateCheckpoint
-    from vlsafe.reliability.nonfinite import NonFiniteGuard
 
     return [RNGStateCheckpoint(), PreemptionCheckpoint(), NonFiniteGuard()]
 
 
-def fit_timed(cfg: BenchConfig, workdir: Path, module, data: list[dict[str, Any]], work: dict[str, float]) -> Result:
+def fit_timed(cfg: BenchConfig, workdir: Path, module, data: list[dict[str, Any]], work: dict[str, float],
+              callbacks: list | None = None, **trainer_options: Any) -> Result:
     """`trainer.fit(module)` over `data` under Lightning with the CLI's forced callbacks and checkpoint IO (no
-    logger or progress bar, like the baselines), timed per step."""
+    logger or progress bar, like the baselines), timed per step. `trainer_options` replace the single-CPU
+    defaults (accelerator, devices, strategy, precision: `tools/gpu_check.py` runs FSDP2 on a GPU)."""
     import lightning as L
 
     from vlsafe.ops.checkpoint_io import use_atomic_checkpoint_io
@@ -98,10 +114,11 @@ def fit_timed(cfg: BenchConfig, workdir: Path, module, data: list[dict[str, Any]
         def on_train_end(self, trainer, pl_module):
             clock.tick()
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(data), logger=False, enable_checkpointing=False,
+    options = {"accelerator": "cpu", "devices": 1, **trainer_options}
+    trainer = L.Trainer(max_steps=len(data), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[*cli_forced_callbacks(), Clock()], default_root_dir=str(workdir),
-                        num_sanity_val_steps=0)
+                        callbacks=[*cli_forced_callbacks(), Clock(), *(callbacks or [])],
+                        default_root_dir=str(workdir), num_sanity_val_steps=0, **options)
     use_atomic_checkpoint_io(trainer)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     return _steps_result(clock.times, cfg, work, losses[0])
@@ -143,7 +160,7 @@ def preference_module(cfg: BenchConfig, **options: Any):
     """The policy every preference contender starts from (same seed → same weights in every process)."""
     from vlsafe.core.lora import LoraSettings
     from vlsafe.methods.base import OptimSettings
-    from vlsafe.methods.preference import PreferenceModule
+    from vlsafe.methods.preference.module import PreferenceModule
 
     lora = options.pop("lora", False)
     torch.manual_seed(cfg.seed)
@@ -154,7 +171,7 @@ def preference_module(cfg: BenchConfig, **options: Any):
 
 def preference_batches(cfg: BenchConfig, module) -> list[dict[str, Any]]:
     """Pairs (plus blind answers for BPO) without stored reference log-probs; callers add them if needed."""
-    from vlsafe.data.encoders import PreferenceEncoder
+    from vlsafe.methods.preference.encoding import PreferenceEncoder
 
     samples = synthetic_samples("preference", 64, cfg.seed, cfg.image_size)
     encoder = PreferenceEncoder(module.processor, module.responses)
@@ -167,7 +184,7 @@ def _preference_contender(**options: Any) -> Callable[[BenchConfig, Path], Resul
         module = preference_module(cfg, **options)
         data = preference_batches(cfg, module)
         if precompute:  # what tools/precompute_reference.py stores in the shards (a one-off pass, not timed)
-            from vlsafe.methods.preference import batch_reference_logps
+            from vlsafe.methods.preference.module import batch_reference_logps
 
             module.vlm.eval()
             for batch in data:
@@ -195,8 +212,10 @@ def trl_inputs(batch: dict[str, Any], image_token_index: int) -> dict[str, torch
     return inputs
 
 
-def trl_dpo_trainer(model, ref_model, data: list[dict[str, Any]], cfg: BenchConfig, workdir: Path):
-    """TRL's `DPOTrainer` on exactly `data` (a collator hands it our batches converted to its layout)."""
+def trl_dpo_trainer(model, ref_model, data: list[dict[str, Any]], cfg: BenchConfig, workdir: Path,
+                    **config_overrides: Any):
+    """TRL's `DPOTrainer` on exactly `data` (a collator hands it our batches converted to its layout).
+    `config_overrides` replace `DPOConfig` fields (the GPU check sets `use_cpu=False, bf16=True`)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -212,11 +231,12 @@ def trl_dpo_trainer(model, ref_model, data: list[dict[str, Any]], cfg: BenchConf
     fields = DPOConfig.__dataclass_fields__  # the flag was renamed; ours never checkpoints activations either
     no_checkpointing = {"activation_checkpointing" if "activation_checkpointing" in fields
                         else "gradient_checkpointing": False}
-    args = DPOConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=cfg.batch_size,
-                     max_steps=len(data), learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
-                     weight_decay=0.0, beta=0.1, max_length=None, **no_checkpointing,
-                     remove_unused_columns=False, report_to=[], save_strategy="no", logging_steps=10_000,
-                     use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=cfg.seed, bf16=False)
+    settings = dict(output_dir=str(workdir / "trl"), per_device_train_batch_size=cfg.batch_size,
+                    max_steps=len(data), learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
+                    weight_decay=0.0, beta=0.1, max_length=None, **no_checkpointing,
+                    remove_unused_columns=False, report_to=[], save_strategy="no", logging_steps=10_000,
+                    use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=cfg.seed, bf16=False)
+    args = DPOConfig(**{**settings, **config_overrides})
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(workdir / "hf"))
@@ -226,14 +246,19 @@ def trl_dpo_trainer(model, ref_model, data: list[dict[str, Any]], cfg: BenchConf
 
 def dpo_trl(cfg: BenchConfig, workdir: Path) -> Result:
     """TRL's DPOTrainer (live reference model copy, its VLM path) on the same weights and pairs."""
-    from transformers import TrainerCallback
-
     module = preference_module(cfg, reference="precomputed")  # no reference copy needed on our side
     data = preference_batches(cfg, module)
     model, _ = export_hf(module, workdir / "hf")
     del module
     freeze_like_vlsafe(model)
     trainer = trl_dpo_trainer(model, frozen_copy(model), data, cfg, workdir)
+    return trl_train_timed(trainer, cfg, _work(data, cfg.batch_size, cfg.batch_size))
+
+
+def trl_train_timed(trainer, cfg: BenchConfig, work: dict[str, float], callbacks: Iterable[Any] = ()) -> Result:
+    """`trainer.train()` of a transformers/TRL trainer, timed per step like `fit_timed`."""
+    from transformers import TrainerCallback
+
     clock, losses = _StepClock(), []
 
     class Clock(TrainerCallback):
@@ -251,9 +276,10 @@ def dpo_trl(cfg: BenchConfig, workdir: Path) -> Result:
         return loss
 
     trainer.compute_loss = compute_loss
-    trainer.add_callback(Clock())
+    for callback in (Clock(), *callbacks):
+        trainer.add_callback(callback)
     trainer.train()
-    return _steps_result(clock.times, cfg, _work(data, cfg.batch_size, cfg.batch_size), losses[0])
+    return _steps_result(clock.times, cfg, work, losses[0])
 
 
 # ------------------------------------------------------------------------------------- data loading
@@ -286,7 +312,7 @@ def data_processor(cfg: BenchConfig):
     from transformers import AutoTokenizer
 
     from vlsafe.bench.setup import bench_tokenizer
-    from vlsafe.data.processor import VLMProcessor
+    from vlsafe.data.encoding.processor import VLMProcessor
 
     builder = cfg.builder()
     return VLMProcessor(AutoTokenizer.from_pretrained(str(bench_tokenizer()), use_fast=True), builder.template,
@@ -325,7 +351,7 @@ def _write_data_sources(cfg: BenchConfig, paths: dict[str, Path]) -> None:
 
     import numpy as np
 
-    from vlsafe.data.images_presize import Presize
+    from vlsafe.data.images import Presize
     from vlsafe.data.shards import write_shards
     from vlsafe.data.sources.llava import read_llava_json
 
@@ -461,7 +487,7 @@ def _data_contender(layout: str, cold: bool = False) -> Callable[[BenchConfig, P
     def run(cfg: BenchConfig, workdir: Path) -> Result:
         import json
 
-        from vlsafe.data.encoders import ConversationEncoder
+        from vlsafe.data.encoding.encoders import ConversationEncoder
 
         paths = _data_sources(cfg, workdir)
         encoder = ConversationEncoder(data_processor(cfg))
@@ -497,7 +523,7 @@ data_webdataset_cold = _data_contender("presized", cold=True)
 
 # --------------------------------------------------------------------------------------- generation
 def _generation(cfg: BenchConfig, batch_size: int) -> Result:
-    from vlsafe.data.encoders import PromptEncoder
+    from vlsafe.data.encoding.encoders import PromptEncoder
 
     torch.manual_seed(cfg.seed)
     vlm, processor = cfg.builder().build()
@@ -562,4 +588,6 @@ CONTENDERS: dict[str, Callable[[BenchConfig, Path], Result]] = {
     "generate/batched": generate_batched,
     "generate/one_by_one": generate_one_by_one,
     "peak/matmul": matmul_peak,
+    **SERVING_CONTENDERS,
+    **PACKING_CONTENDERS,
 }

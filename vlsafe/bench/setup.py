@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vlsafe.core.vlm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vlsafe.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class BenchConfig:
         return asdict(self)
 
     def builder(self):
-        from vlsafe.core.builders import TinyVLM
+        from vlsafe.builders import TinyVLM
 
         return TinyVLM(tokenizer=str(bench_tokenizer()), image_size=self.image_size, patch_size=self.patch_size, vision_width=self.vision_width,
                        vision_layers=self.vision_layers, vision_heads=max(1, self.vision_width // 64),
@@ -70,7 +70,7 @@ def bench_tokenizer() -> Path:
     import tempfile
 
     from vlsafe.core.tokenizer import train_bpe_tokenizer
-    from vlsafe.data.synthetic import WORLD_VERSION, corpus
+    from vlsafe.data.synthetic.world import WORLD_VERSION, corpus
 
     folder = Path(tempfile.gettempdir()) / f"vlsafe-bench-tokenizer-v{WORLD_VERSION}"
     if not (folder / "tokenizer.json").exists():
@@ -87,7 +87,7 @@ def bench_tokenizer() -> Path:
 
 def synthetic_samples(kind: str, n: int, seed: int = 0, image_size: int = 224) -> list:
     """`n` samples of one synthetic-world kind, deterministic (the same in every contender's process)."""
-    from vlsafe.data.synthetic import WorldConfig, generate
+    from vlsafe.data.synthetic.world import WorldConfig, generate
 
     return list(generate(n, seed=seed, kinds=[kind], cfg=WorldConfig(image_size=image_size), split="bench"))
 
@@ -106,14 +106,15 @@ def real_tokens(batch: dict[str, Any]) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def export_hf(module: Any, out_dir: Path):
-    """The module's VLM as a transformers `LlavaForConditionalGeneration` with identical weights."""
+def export_hf(module: Any, out_dir: Path, **load_options: Any):
+    """The module's VLM as a transformers `LlavaForConditionalGeneration` with identical weights
+    (`load_options` go to `from_pretrained`, e.g. `attn_implementation="sdpa"`)."""
     from transformers import LlavaForConditionalGeneration
 
     from vlsafe.core.interop import export_llava_hf
 
     folder = export_llava_hf(module.vlm, module.processor.tokenizer, out_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
+    model = LlavaForConditionalGeneration.from_pretrained(str(folder), **{"dtype": torch.float32, **load_options})
     return model, folder
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .projector import build_projector, projector_kind
+from .streaming import empty_parameters
 from .vision import VisionTower, read_image_stats
 from .vlm import VLM
 
@@ -60,16 +61,11 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------- reading
 def _weight_files(folder: Path) -> list[Path]:
     """Weight files in preference order: safetensors (index, then files), then .bin (index, then files)."""
-    for index_glob, file_glob in (("model*.safetensors.index.json", "model*.safetensors"),
-                                  ("pytorch_model*.bin.index.json", "pytorch_model*.bin")):
-        indexes = sorted(folder.glob(index_glob))
-        if indexes:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            return [folder / name for name in sorted(set(weight_map.values()))]
-        files = sorted(folder.glob(file_glob))
-        if files:
-            return files
-    raise CheckpointError(f"{folder}: no model*.safetensors or pytorch_model*.bin weights found")
+    from .streaming import StreamedLoadError, checkpoint_files
+    try:
+        return checkpoint_files(folder)
+    except StreamedLoadError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
@@ -366,26 +362,72 @@ def _tokenizer_with_image_token(tokenizer: Any, image_token: str) -> tuple[Any, 
     return tokenizer, int(tokenizer.convert_tokens_to_ids(image_token))
 
 
-def _save_processor(tokenizer: Any, tower: VisionTower, image_token: str, out: Path) -> None:
-    """CLIP preprocessing (+ a LlavaProcessor when there is a tokenizer) so AutoProcessor works."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-    size = tower.image_size
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                         image_mean=list(tower.image_mean), image_std=list(tower.image_std))
+IMAGE_PREPROCESS = ("crop", "pad", "resize")
+
+
+def _image_processor(tower: VisionTower, image_preprocess: str) -> Any:
+    """The transformers image processor for `image_preprocess`: "crop" (CLIP's shortest-edge resize and centre
+    crop, the llava-hf default), "pad" (LLaVA's `expand2square` with the mean colour, then resize: vlsafe's
+    `pad_to_square`) or "resize" (squash to a square, no crop: vlsafe's `pad_to_square=False`)."""
+    from transformers import CLIPImageProcessor, LlavaImageProcessor
+    size, stats = tower.image_size, {"image_mean": list(tower.image_mean), "image_std": list(tower.image_std)}
+    if image_preprocess == "pad":
+        return LlavaImageProcessor(do_pad=True, size={"shortest_edge": size},
+                                   crop_size={"height": size, "width": size}, **stats)
+    if image_preprocess == "resize":
+        return CLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False,
+                                  crop_size={"height": size, "width": size}, **stats)
+    if image_preprocess == "crop":
+        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **stats)
+    raise ValueError(f"image_preprocess must be one of {IMAGE_PREPROCESS}, got {image_preprocess!r}")
+
+
+def _save_processor(tokenizer: Any, tower: VisionTower, image_token: str, out: Path, image_preprocess: str,
+                    chat_template: str | None) -> None:
+    """The image processor (+ a LlavaProcessor when there is a tokenizer) so AutoProcessor works."""
+    from transformers import LlavaProcessor
+    image_processor = _image_processor(tower, image_preprocess)
     if tokenizer is None:
         image_processor.save_pretrained(str(out))
         return
     LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=tower.patch_size,
                    vision_feature_select_strategy="default", image_token=image_token,
-                   num_additional_image_tokens=1).save_pretrained(str(out))
+                   num_additional_image_tokens=1, chat_template=chat_template).save_pretrained(str(out))
 
 
-def export_llava_hf(vlm: VLM, tokenizer: Any, out_dir: str | Path, image_token: str = "<image>") -> Path:
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether `tokenizer(text)` (special tokens on, the transformers default) starts with the BOS id."""
+    ids = tokenizer("a").input_ids
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _set_bos_behaviour(tokenizer: Any, add_bos: bool) -> None:
+    """Make `tokenizer(text)` add the BOS exactly when the model was trained with one (the post-processor in
+    tokenizer.json is rewritten only when it does otherwise)."""
+    if _adds_bos(tokenizer) == add_bos:
+        return
+    if add_bos and tokenizer.bos_token_id is None:
+        raise ValueError("export: the model was trained with a BOS token but the tokenizer has none")
+    if not hasattr(type(tokenizer), "add_bos_token"):
+        raise ValueError(f"export: cannot set the BOS behaviour of a {type(tokenizer).__name__} (needs a "
+                         "transformers fast tokenizer)")
+    tokenizer.add_bos_token = add_bos
+    if _adds_bos(tokenizer) != add_bos:
+        raise ValueError(f"export: setting add_bos_token={add_bos} did not change what the tokenizer adds")
+
+
+def export_llava_hf(vlm: VLM, tokenizer: Any, out_dir: str | Path, image_token: str = "<image>", *,
+                    chat_template: str | None = None, add_bos_token: bool | None = None,
+                    image_preprocess: str = "crop", generation_config: dict[str, Any] | None = None) -> Path:
     """Write `vlm` as a `LlavaForConditionalGeneration` folder (safetensors, llava-hf key layout).
 
     The image token is added to a copy of the tokenizer if needed and embedding/lm_head rows are padded
     in the written weights only. Without a tokenizer the image token gets a new last row. LoRA adapters
     are merged. Requires an `mlp2x_gelu` projector: HF LLaVA has no single-linear variant.
+
+    How the model is prompted travels with it when given: `chat_template` (Jinja) on the tokenizer and
+    processor, `add_bos_token` (the tokenizer's own call adds a BOS iff True), `image_preprocess` ("crop",
+    "pad" or "resize", see `_image_processor`) and `generation_config` (written as generation_config.json).
     """
     from huggingface_hub import save_torch_state_dict
     from transformers import LlavaConfig
@@ -396,9 +438,16 @@ def export_llava_hf(vlm: VLM, tokenizer: Any, out_dir: str | Path, image_token: 
     if not isinstance(tower, VisionTower):
         raise ValueError(f"LLaVA-HF export needs a VisionTower, got {tower.__class__.__name__}")
     vision_config = tower.hf_clip_config()  # raises early if the tower is not representable
+    if image_preprocess not in IMAGE_PREPROCESS:
+        raise ValueError(f"image_preprocess must be one of {IMAGE_PREPROCESS}, got {image_preprocess!r}")
     llm = _plain_llm(vlm.llm)
     vocab = llm.get_input_embeddings().weight.shape[0]
     tokenizer, image_token_index = _tokenizer_with_image_token(tokenizer, image_token)
+    if tokenizer is not None:
+        if add_bos_token is not None:
+            _set_bos_behaviour(tokenizer, add_bos_token)
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
     if image_token_index is None:
         image_token_index = vocab
     rows = max(vocab, image_token_index + 1, len(tokenizer) if tokenizer is not None else 0)
@@ -422,10 +471,228 @@ def export_llava_hf(vlm: VLM, tokenizer: Any, out_dir: str | Path, image_token: 
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
     save_torch_state_dict({k: v.detach().cpu() for k, v in state.items()}, out, metadata={"format": "pt"})
+    if generation_config is not None:
+        from transformers import GenerationConfig
+        GenerationConfig(**generation_config).save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     try:
-        _save_processor(tokenizer, tower, image_token, out)
+        _save_processor(tokenizer, tower, image_token, out, image_preprocess, chat_template)
     except (ImportError, TypeError, ValueError) as e:  # a convenience: the model folder is already complete
         warnings.warn(f"export_llava_hf: could not save an image processor ({e}); weights and config are saved")
     return out
+
+
+# ---------------------------------------------------------------------------------------------- streamed (meta)
+def _planned(shapes: Mapping[str, tuple[str, tuple[int, ...]]], plan: Mapping[str, tuple[str, list[str]]],
+             prefix: str) -> dict[str, Any]:
+    """`hf_clip_plan` output (names only) -> `TensorPlan`s with files and target shapes."""
+    from .streaming import TensorPlan
+
+    out = {}
+    for name, (op, keys) in plan.items():
+        parts = tuple((shapes[k][0], k) for k in keys)
+        first = shapes[keys[0]][1]
+        shape = ((sum(shapes[k][1][0] for k in keys), *first[1:]) if op == "cat0"
+                 else tuple(reversed(first)) if op == "t" else first)
+        out[prefix + name] = TensorPlan(parts, op, shape)
+    return out
+
+
+def tower_skeleton(config: Any, hf_keys: Mapping[str, str] | None,
+                   shapes: Mapping[str, tuple[str, tuple[int, ...]]], select_layer: int, stats_folder: Path | None,
+                   source: str) -> tuple[VisionTower, dict[str, Any]]:
+    """The HF CLIP tower as `VisionTower.from_hf_state_dict` builds it, parameters on meta, and the plans that
+    fill it. `hf_keys` maps CLIP-relative names (`encoder.layers.0...`) to checkpoint keys (None: shapes only,
+    no plans). A missing `visual_projection` leaves open_clip's own random `proj` (unused by LLaVA features),
+    as the eager load does."""
+    from open_clip.model import _build_vision_tower
+
+    from .vision import hf_clip_plan, open_clip_cfg_from_hf
+
+    try:
+        cfg, quick_gelu, embed_dim = open_clip_cfg_from_hf(config)
+        names = hf_clip_plan(hf_keys.keys(), config.num_hidden_layers) if hf_keys is not None else None
+    except ValueError as e:
+        raise CheckpointError(f"{source}: vision tower: {e}") from e
+    if names is not None and "proj" in names:
+        embed_dim = shapes[hf_keys[names["proj"][1][0]]][1][0]
+    with empty_parameters():
+        visual = _build_vision_tower(embed_dim, cfg, quick_gelu=quick_gelu)
+    if names is not None and "proj" not in names:
+        width = visual.proj.shape[0]
+        visual.proj = nn.Parameter(width ** -0.5 * torch.randn(tuple(visual.proj.shape)))
+    mean, std = read_image_stats(stats_folder) if stats_folder is not None else (None, None)
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    tower = VisionTower(visual, select_layer, mean or OPENAI_DATASET_MEAN, std or OPENAI_DATASET_STD, vision_cfg=cfg)
+    if names is None:
+        return tower, {}
+    plan = {name: (op, [hf_keys[k] for k in keys]) for name, (op, keys) in names.items()}
+    return tower, _planned(shapes, plan, "vision.visual.")
+
+
+def llm_skeleton(text_config: Any, llm_keys: Iterable[str] | None, dtype: torch.dtype | None, tie: bool,
+                 source: str) -> nn.Module:
+    """The causal LM `_build_llm` makes, parameters on meta; tied to the embeddings when the checkpoint has no
+    LM head and the config says they are shared (a missing head otherwise is an error)."""
+    from transformers import AutoModelForCausalLM
+
+    with empty_parameters():
+        llm = AutoModelForCausalLM.from_config(text_config, dtype=dtype or torch.float32)
+    llm.tie_weights()  # the meta context re-registers every parameter, which undoes the ties made inside it
+    if llm_keys is not None and "lm_head.weight" not in set(llm_keys):
+        if not tie:
+            raise CheckpointError(f"{source}: language-model weights do not match the config: missing "
+                                  f"['lm_head.weight'] and tie_word_embeddings is false")
+        llm.get_output_embeddings().weight = llm.get_input_embeddings().weight
+        llm.config.tie_word_embeddings = True
+    return llm
+
+
+def _checked(vlm: VLM, plans: Mapping[str, Any], description: str) -> Any:
+    """The source for `vlm`, checked name by name and shape by shape before a byte is read."""
+    from .streaming import StreamedLoadError, TensorSource
+
+    source = TensorSource(plans, description)
+    try:
+        source.check_against(vlm)
+    except StreamedLoadError as e:
+        raise CheckpointError(str(e)) from e
+    return source
+
+
+def _skeleton_source(folder: Path, rules: Rules, layout: str) -> tuple[dict, dict[str, str], str]:
+    from .streaming import StreamedLoadError, checkpoint_files, file_shapes
+
+    try:
+        files = checkpoint_files(folder)
+        shapes = file_shapes(files)
+    except StreamedLoadError as e:
+        raise CheckpointError(str(e)) from e
+    source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
+    renamed, unmatched = _remap({k: k for k in shapes}, rules)
+    _check_no_leftovers(unmatched, source, layout)
+    return shapes, renamed, source
+
+
+def llava_hf_on_meta(path: str | Path, torch_dtype: torch.dtype | None = None, weights: bool = True
+                     ) -> tuple[VLM, Any, Any]:
+    """`load_llava_hf` without reading weights: the VLM with parameters on meta (buffers real), the
+    `TensorSource` that `streaming.materialize` fills it from (None with `weights=False`: shapes only, from
+    config.json alone), and the folder's tokenizer or None."""
+    from transformers import AutoConfig
+    folder = Path(path)
+    raw = json.loads((folder / "config.json").read_text())
+    if "mm_vision_tower" in raw or "mm_projector_type" in raw:
+        raise CheckpointError(f"{folder}: this is an original haotian-liu/LLaVA folder; use load_llava_original")
+    config = AutoConfig.from_pretrained(str(folder))
+    select_layer = _llava_hf_settings(config, folder)
+    shapes, renamed, source = (_skeleton_source(folder, LLAVA_HF_RULES, "LLaVA-HF") if weights
+                               else ({}, {}, str(folder)))
+    tower, plans = tower_skeleton(config.vision_config, _take(renamed, "vision.") if weights else None, shapes,
+                                  select_layer, folder, source)
+    text_config = config.text_config
+    with empty_parameters():
+        projector = build_projector("mlp2x_gelu", tower.hidden_size, text_config.hidden_size)
+    tie = bool(getattr(text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+    llm = llm_skeleton(text_config, _take(renamed, "llm.") if weights else None, torch_dtype, tie, source)
+    plans.update(_copy_plans(shapes, renamed, ("projector.", "llm.")))
+    vlm = _assemble(tower, projector, llm, torch_dtype)
+    return vlm, _checked(vlm, plans, source) if weights else None, _maybe_tokenizer(folder)
+
+
+def _copy_plans(shapes: Mapping[str, tuple[str, tuple[int, ...]]], renamed: Mapping[str, str],
+                prefixes: Sequence[str]) -> dict[str, Any]:
+    """One-to-one plans for the renamed keys under `prefixes` (projector and LLM: no conversion needed)."""
+    from .streaming import remapped_plans
+    return remapped_plans(shapes, {k: v for k, v in renamed.items() if k.startswith(tuple(prefixes))})
+
+
+def llava_original_on_meta(path: str | Path, vision_tower_path: str | Path | None = None,
+                           torch_dtype: torch.dtype | None = None, weights: bool = True) -> tuple[VLM, Any, Any]:
+    """`load_llava_original` without reading weights (see `llava_hf_on_meta`). The CLIP tower is planned from
+    the checkpoint's own tower weights, else from a local CLIP folder; a tower that only the Hub has is loaded
+    whole (it is small next to the LLM)."""
+    folder = Path(path)
+    raw = json.loads((folder / "config.json").read_text())
+    kind, select_layer = _original_settings(raw, folder)
+    text_config = _llama_config(raw)
+    shapes, renamed, source = (_skeleton_source(folder, LLAVA_ORIGINAL_RULES, "original LLaVA") if weights
+                               else ({}, {}, str(folder)))
+    vision_source = _resolve_vision_source(raw, vision_tower_path, folder)
+    plans: dict[str, Any] = {}
+    tower_keys = _take(renamed, "vision.")
+    if isinstance(vision_source, Path) and not weights:
+        from transformers import CLIPVisionConfig
+        config = CLIPVisionConfig.from_pretrained(str(vision_source))
+        tower, _ = tower_skeleton(config, None, {}, select_layer, vision_source, source)
+    elif isinstance(vision_source, Path):
+        from transformers import CLIPVisionConfig
+        config = CLIPVisionConfig.from_pretrained(str(vision_source))
+        if not tower_keys:
+            tower_shapes, _, _ = _skeleton_source(vision_source, (("", ""),), "HF CLIP")
+            shapes = {**shapes, **tower_shapes}
+            tower_keys = clip_vision_keys(tower_shapes)
+        tower, plans = tower_skeleton(config, tower_keys, shapes, select_layer, vision_source, source)
+    else:
+        tower = _original_tower(vision_source, {}, select_layer, source) if not tower_keys else None
+        if tower is None:
+            tower, plans = tower_skeleton(vision_source.config, tower_keys, shapes, select_layer, None, source)
+    mm_hidden = raw.get("mm_hidden_size", tower.hidden_size)
+    if mm_hidden != tower.hidden_size:
+        raise CheckpointError(f"{folder}: mm_hidden_size={mm_hidden} but the vision tower width is {tower.hidden_size}")
+    with empty_parameters():
+        projector = build_projector(kind, tower.hidden_size, text_config.hidden_size)
+    llm = llm_skeleton(text_config, _take(renamed, "llm.") if weights else None, torch_dtype,
+                       bool(getattr(text_config, "tie_word_embeddings", False)), source)
+    plans.update(_copy_plans(shapes, renamed, ("projector.", "llm.")))
+    vlm = _assemble(tower, projector, llm, torch_dtype)
+    return vlm, _checked(vlm, plans, source) if weights else None, _maybe_tokenizer(folder)
+
+
+def clip_vision_keys(keys: Iterable[str]) -> dict[str, str]:
+    """The keys of a CLIP folder that `CLIPVisionModel.from_pretrained` reads: `vision_model.*` (a full
+    CLIPModel's text tower and both projections are left out, as transformers does)."""
+    keys = list(keys)
+    if any(k.startswith(HF_CLIP_VISION_PREFIX) for k in keys):
+        return {k: k for k in keys if k.startswith(HF_CLIP_VISION_PREFIX)}
+    return {k: k for k in keys if k != "visual_projection.weight"}
+
+
+HF_CLIP_VISION_PREFIX = "vision_model."
+
+
+def causal_lm_on_meta(folder: str | Path, dtype: torch.dtype | None, trust_remote_code: bool = False,
+                      weights: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """A transformers causal-LM folder as a meta skeleton and its plans (`llm.` + the checkpoint's own key
+    names; a checkpoint that needs transformers' key conversions fails by name: load it eagerly)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from .streaming import remapped_plans
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    shapes, renamed, source = (_skeleton_source(folder, (("", ""),), "causal LM") if weights
+                               else ({}, {}, str(folder)))
+    keys = {k: k for k in renamed if not k.endswith(_DROPPED_SUFFIXES)}
+    llm = llm_skeleton(config, keys if weights else None, dtype, bool(getattr(config, "tie_word_embeddings", False)),
+                       source)
+    if (folder / "generation_config.json").is_file():
+        llm.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return llm, remapped_plans(shapes, keys, "llm.")
+
+
+def hf_clip_on_meta(folder: str | Path, select_layer: int, weights: bool = True
+                    ) -> tuple[VisionTower, dict[str, Any]]:
+    """A CLIP folder (CLIPVisionModel or full CLIPModel) as `VisionTower.from_hf_clip` builds it, on meta."""
+    from transformers import CLIPVisionConfig
+    folder = Path(folder)
+    config = CLIPVisionConfig.from_pretrained(str(folder))
+    if not weights:
+        return tower_skeleton(config, None, {}, select_layer, folder, str(folder))
+    shapes, _, source = _skeleton_source(folder, (("", ""),), "HF CLIP")
+    return tower_skeleton(config, clip_vision_keys(shapes), shapes, select_layer, folder, source)
+
+
+def checked_source(vlm: VLM, plans: Mapping[str, Any], description: str) -> Any:
+    """Public name of `_checked` for the builders that assemble a VLM from parts."""
+    return _checked(vlm, plans, description)

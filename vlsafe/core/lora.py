@@ -1,6 +1,7 @@
 """Trainability of the core: LoRA on the LLM through peft, freeze policies, gradient checkpointing."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -31,6 +32,33 @@ def apply_lora(vlm: VLM, settings: LoraSettings) -> None:
                         target_modules=settings.target_modules, bias=settings.bias,
                         modules_to_save=settings.modules_to_save or None, task_type="CAUSAL_LM")
     vlm.llm = get_peft_model(vlm.llm, config)
+    _initialise_meta_adapters(vlm.llm)
+
+
+def _initialise_meta_adapters(llm: nn.Module) -> None:
+    """peft puts adapters on the base weights' device; on a meta skeleton (`load: streamed`) they are given
+    memory here and peft's own initialisation (A: Kaiming-uniform, B: zeros), so they are never loaded."""
+    for module in llm.modules():
+        if not hasattr(module, "reset_lora_parameters"):
+            continue
+        for adapter in list(getattr(module, "lora_A", {})):
+            parts = [module.lora_A[adapter], module.lora_B[adapter]]
+            if any(p.is_meta for part in parts for p in part.parameters()):
+                for part in parts:
+                    part.to_empty(device="cpu")
+                module.reset_lora_parameters(adapter, True)
+
+
+_PEFT_WRAPPERS = ((re.compile(r"^llm\.base_model\.model\."), "llm."), (re.compile(r"\.base_layer\."), "."),
+                  (re.compile(r"\.modules_to_save\.[^.]+\."), "."), (re.compile(r"\.original_module\."), "."))
+
+
+def peft_free_name(name: str) -> str:
+    """A VLM parameter name without peft's wrappers (`llm.base_model.model.`, `.base_layer.`, ...): the name the
+    same weight has in a model without LoRA, which is what a checkpoint holds."""
+    for pattern, replacement in _PEFT_WRAPPERS:
+        name = pattern.sub(replacement, name)
+    return name
 
 
 def is_peft(module: nn.Module) -> bool:

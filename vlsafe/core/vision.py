@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
-from torch import nn
+from typing import Any, Iterable, Mapping
 
 import open_clip
+import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
+from torch import nn
 
 HF_CLIP_PREFIX = "vision_model."  # CLIPVisionModel's on-disk prefix (and its in-memory one before transformers 5)
 _HF_IGNORED_KEYS = ("embeddings.position_ids",)  # a buffer some old checkpoints persisted
@@ -61,41 +60,42 @@ def _hf_stem_keys() -> dict[str, str]:
             "ln_post.weight": "post_layernorm.weight", "ln_post.bias": "post_layernorm.bias"}
 
 
-def _strip_hf_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accept both CLIPVisionModel layouts: `vision_model.*` (disk, transformers 4) and flat (transformers 5)."""
-    return {k.removeprefix(HF_CLIP_PREFIX): v for k, v in state_dict.items()}
-
-
-def hf_clip_to_open_clip(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """HF CLIP vision weights -> open_clip `VisionTransformer` weights.
+def hf_clip_plan(keys: Iterable[str], num_layers: int) -> dict[str, tuple[str, list[str]]]:
+    """How each open_clip `VisionTransformer` weight is made from HF CLIP vision keys: (op, HF keys) with op
+    `copy`, `cat0` (q/k/v stacked into `in_proj_*`) or `t` (`visual_projection.weight` transposed into `proj`).
 
     Accepts `CLIPVisionModel` keys with or without the `vision_model.` prefix, plus an optional
-    `visual_projection.weight` (from `CLIPVisionModelWithProjection`) that becomes `proj`.
-    Missing or unexpected keys raise, so a wrong `num_layers` cannot pass silently.
+    `visual_projection.weight` (from `CLIPVisionModelWithProjection`). Missing or unexpected keys raise, so a
+    wrong `num_layers` cannot pass silently. Works on names only, so a streamed load can plan before reading.
     """
-    sd = _strip_hf_prefix(state_dict)
-    out: dict[str, torch.Tensor] = {}
+    full = {k.removeprefix(HF_CLIP_PREFIX): k for k in keys}
     wanted = dict(_hf_stem_keys())
     for i in range(num_layers):
         wanted.update(_hf_block_keys(i))
-    qkv = {f"encoder.layers.{i}.self_attn.{n}_proj.{p}": (i, p)
-           for i in range(num_layers) for n in "qkv" for p in ("weight", "bias")}
-    missing = [k for k in [*wanted.values(), *qkv] if k not in sd]
-    unexpected = sorted(set(sd) - set(wanted.values()) - set(qkv) - {"visual_projection.weight", *_HF_IGNORED_KEYS})
+    qkv = {f"encoder.layers.{i}.self_attn.{n}_proj.{p}" for i in range(num_layers) for n in "qkv"
+           for p in ("weight", "bias")}
+    missing = [k for k in [*wanted.values(), *sorted(qkv)] if k not in full]
+    unexpected = sorted(set(full) - set(wanted.values()) - qkv - {"visual_projection.weight", *_HF_IGNORED_KEYS})
     if missing or unexpected:
         raise ValueError(f"HF CLIP vision state dict does not match a {num_layers}-layer tower: "
                          f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                          f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    for oc_key, hf_key in wanted.items():
-        out[oc_key] = sd[hf_key]
+    plan = {oc_key: ("copy", [full[hf_key]]) for oc_key, hf_key in wanted.items()}
     for i in range(num_layers):
         attn = f"encoder.layers.{i}.self_attn."
         for p in ("weight", "bias"):
-            out[f"transformer.resblocks.{i}.attn.in_proj_{p}"] = torch.cat(
-                [sd[f"{attn}{n}_proj.{p}"] for n in "qkv"], dim=0)
-    if "visual_projection.weight" in sd:
-        out["proj"] = sd["visual_projection.weight"].t()
-    return out
+            parts = [full[f"{attn}{n}_proj.{p}"] for n in "qkv"]
+            plan[f"transformer.resblocks.{i}.attn.in_proj_{p}"] = ("cat0", parts)
+    if "visual_projection.weight" in full:
+        plan["proj"] = ("t", [full["visual_projection.weight"]])
+    return plan
+
+
+def hf_clip_to_open_clip(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """HF CLIP vision weights -> open_clip `VisionTransformer` weights, by `hf_clip_plan`."""
+    ops = {"copy": lambda ts: ts[0], "cat0": lambda ts: torch.cat(ts, dim=0), "t": lambda ts: ts[0].t()}
+    return {oc_key: ops[op]([state_dict[k] for k in hf_keys])
+            for oc_key, (op, hf_keys) in hf_clip_plan(state_dict.keys(), num_layers).items()}
 
 
 def open_clip_to_hf_clip(state_dict: Mapping[str, torch.Tensor], num_layers: int,

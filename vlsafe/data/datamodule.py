@@ -20,11 +20,26 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlsafe.data.grouping import group_by_modality_length
-from vlsafe.data.plan import (PADDING_WARN_FRACTION, PlannedSource, ReadPiece, SlotPlan, check_source_amounts,
-                              padded_worker_quota, padding_report, plan_epoch, slot_sizes)
-from vlsafe.data.schema import Sample, SampleError, SampleLeftOut
+from vlsafe.data.plan import (
+    PADDING_WARN_FRACTION,
+    PlannedSource,
+    ReadPiece,
+    SlotPlan,
+    check_source_amounts,
+    padded_worker_quota,
+    padding_report,
+    plan_epoch,
+    slot_sizes,
+)
+from vlsafe.data.remote import RemoteReadPolicy, as_policy
+from vlsafe.data.schema import OnError, Sample, SampleError, SampleLeftOut
 from vlsafe.data.shards import iter_shard, load_index
-from vlsafe.ops.workers import DEFAULT_WORKER_TIMEOUT, ShardTracker, start_workers, worker_loader_options
+from vlsafe.ops.workers import (
+    DEFAULT_WORKER_TIMEOUT,
+    ShardTracker,
+    start_workers,
+    worker_loader_options,
+)
 
 log = logging.getLogger(__name__)
 STAGES = ("fit", "validate", "test", "predict")
@@ -51,9 +66,10 @@ class Source:
     num_samples: int | None = None
     name: str | None = None
 
-    def planned(self) -> PlannedSource:
+    def planned(self, remote: RemoteReadPolicy | None = None) -> PlannedSource:
+        """The source's shards and amounts; `remote` reads an `http(s)://`/`s3://` index (`vlsafe.data.remote`)."""
         check_source_amounts(self.path, self.weight, self.num_samples)
-        index = load_index(self.path)
+        index = load_index(self.path, remote)
         return PlannedSource(self.name or self.path, tuple(index.shards), self.weight, self.num_samples)
 
 
@@ -77,8 +93,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, sources: list[PlannedSource], encoder: SampleEncoder, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = False,
-                 shuffle_buffer: int = 0, pad_to_equal: bool = False, on_error: str = "raise",
-                 group_by_modality_length: bool = False):
+                 shuffle_buffer: int = 0, pad_to_equal: bool = False, on_error: OnError = "raise",
+                 group_by_modality_length: bool = False, remote: RemoteReadPolicy | None = None):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not sources:
@@ -101,6 +117,7 @@ class ShardStream(IterableDataset):
         self.pad_to_equal = pad_to_equal
         self.on_error = on_error
         self.group_by_modality_length = group_by_modality_length
+        self.remote = as_policy(remote)  # timeouts and retries for http(s)/s3 shards
         self.epoch = 0
         self.skip_batches = 0
         self.tracker: ShardTracker | None = None  # set by the loader: names the shard if a worker dies
@@ -181,7 +198,8 @@ class ShardStream(IterableDataset):
                 self._skip(err)
 
             try:
-                for _, sample in iter_shard(piece.url, keep=wanted.__contains__, on_sample_error=count_error):
+                for _, sample in iter_shard(piece.url, keep=wanted.__contains__, on_sample_error=count_error,
+                                            remote=self.remote):
                     for _ in range(failed):
                         yield None
                     produced, failed = produced + failed + 1, 0
@@ -421,13 +439,17 @@ class ShardDataModule(L.LightningDataModule):
     `Source`s (weighted mixing); the attached LightningModule supplies the encoder.
 
     `group_by_modality_length` (training only, off by default) is LLaVA's grouped batching: single-modality
-    batches of similar length, per dataloader worker (`vlsafe.data.grouping`); LLaVA-1.5's recipes turn it on."""
+    batches of similar length, per dataloader worker (`vlsafe.data.grouping`); LLaVA-1.5's recipes turn it on.
+
+    A shard directory may be an `http(s)://` or `s3://` url (object storage); `remote` (a `RemoteReadPolicy`,
+    recipe key `data.init_args.remote`) bounds its waits and retries, see docs/data_performance.md."""
 
     def __init__(self, train: str | list[Source] | None = None, val: str | list[Source] | None = None,
                  test: str | list[Source] | None = None, predict: str | list[Source] | None = None,
                  batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 2,
-                 shuffle_buffer: int = 1000, seed: int = 0, on_error: str = "raise",
-                 group_by_modality_length: bool = False, worker_timeout: float = DEFAULT_WORKER_TIMEOUT):
+                 shuffle_buffer: int = 1000, seed: int = 0, on_error: OnError = "raise",
+                 group_by_modality_length: bool = False, worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
+                 remote: RemoteReadPolicy | None = None):
         super().__init__()
         self.sources = {"fit": as_sources(train), "validate": as_sources(val), "test": as_sources(test),
                         "predict": as_sources(predict)}
@@ -435,6 +457,7 @@ class ShardDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.worker_timeout = worker_timeout  # seconds without a batch before WorkerTimeoutError; 0 = forever
+        self.remote = as_policy(remote)  # http(s)/s3 shards: timeouts, retries, S3 endpoint (vlsafe.data.remote)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.on_error = on_error
@@ -525,11 +548,12 @@ class ShardDataModule(L.LightningDataModule):
             raise RuntimeError("call ShardDataModule.connect(encoder) (or run under a Trainer) before loading data")
         rank, world_size = self._rank
         training = stage == "fit"
-        return ShardStream([s.planned() for s in sources], self._shipping_encoder(stage),
+        return ShardStream([s.planned(self.remote) for s in sources], self._shipping_encoder(stage),
                            batch_size=self.batch_size if training else self.eval_batch_size, rank=rank,
                            world_size=world_size, num_workers=self.num_workers, seed=self.seed, shuffle=training,
                            shuffle_buffer=self.shuffle_buffer, pad_to_equal=training, on_error=self.on_error,
-                           group_by_modality_length=training and self.group_by_modality_length)
+                           group_by_modality_length=training and self.group_by_modality_length,
+                           remote=self.remote)
 
     def _loader(self, stage: str) -> DataLoader:
         position = self._position if stage == "fit" else (lambda: (self._position()[0], 0))

@@ -14,9 +14,13 @@ import re
 import sys
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
-IMAGE_PLACEHOLDER = "<image>"
+from vlsafe.constants import IMAGE_PLACEHOLDER
+
+#: What to do with a bad sample: stop with a `SampleError` naming it, or skip it (counted and reported).
+OnError = Literal["raise", "skip"]
+
 ROLES = ("system", "user", "assistant")
 # Boxes may overshoot the image by this many pixels (float rounding in released annotations, e.g. COCO's
 # x + w); beyond it a box is refused as lying outside the image.

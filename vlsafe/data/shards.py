@@ -9,7 +9,6 @@ the same epoch plan without reading the data (see `vlsafe.data.plan`).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -18,19 +17,26 @@ import re
 import shutil
 import socket
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 import webdataset as wds
-from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from vlsafe.data.images import image_header_size, inspect_image
+from vlsafe.data.remote import (
+    RemoteReadPolicy,
+    ShardReadError,
+    is_http_url,
+    open_remote_shard,
+    read_remote_bytes,
+)
 from vlsafe.data.schema import Sample, SampleError
 
 
 class ImagePresizer(Protocol):
-    """What the writer needs of `vlsafe.data.images_presize.Presize` (which builds on this module)."""
+    """What the writer needs of `vlsafe.data.images.Presize` (which builds on this module)."""
 
     def apply(self, data: bytes, sample_id: str, field_name: str) -> tuple[bytes, str]: ...
 
@@ -45,8 +51,6 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "vlsafe-shards/1"
 _IMAGE_MEMBER = re.compile(r"^img(\d+)\.([a-z0-9]+)$")
 _MASK_MEMBER = re.compile(r"^mask(\d+)\.png$")
-_PIL_TO_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
-               "PPM": "ppm"}
 
 
 # ---------------------------------------------------------------------------------------- index
@@ -103,37 +107,44 @@ def expand_shard_pattern(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
-def index_for_pattern(pattern: str) -> ShardIndex:
+def index_for_pattern(pattern: str, remote: RemoteReadPolicy | None = None) -> ShardIndex:
     """Shards named by a brace pattern (or one tar): counts from the index.json beside them if there is one,
     otherwise counted by reading each shard once."""
     urls = expand_shard_pattern(pattern)
     parent = _parent(urls[0])
     try:
-        known = {s.url: s.count for s in load_index(parent).shards}
+        known = {s.url: s.count for s in load_index(parent, remote).shards}
     except (FileNotFoundError, ValueError):
         known = {}
     shards = []
     for url in urls:
         if url not in known:
             log.warning("no index.json entry for %s; counting its samples by reading it", url)
-        shards.append(ShardInfo(url, known[url] if url in known else sum(1 for _ in iter_shard(url))))
+        shards.append(ShardInfo(url, known[url] if url in known else sum(1 for _ in iter_shard(url, remote=remote))))
     return ShardIndex(shards=shards)
 
 
-def load_index(location: str | Path) -> ShardIndex:
+def load_index(location: str | Path, remote: RemoteReadPolicy | None = None) -> ShardIndex:
     """Read `index.json` from a shard directory (or the index file itself) and resolve shard urls.
 
-    A `.tar` path or brace pattern (`shard-{000000..000009}.tar`) selects those shards instead.
+    A `.tar` path or brace pattern (`shard-{000000..000009}.tar`) selects those shards instead. The location may be
+    an `http(s)://` or `s3://` url (`vlsafe.data.remote`, read under `remote`'s timeouts and retries); the query of a
+    presigned index url is not part of the name checked for `.json`/`.tar`.
     """
     location = str(location)
-    if location.endswith(".tar") or ("{" in location and ".." in location):
-        return index_for_pattern(location)
-    index_path = location if location.endswith(".json") else (
+    name = location.split("?", 1)[0] if is_http_url(location) else location
+    if name.endswith(".tar") or ("{" in name and ".." in name):
+        return index_for_pattern(location, remote)
+    index_path = location if name.endswith(".json") else (
         posixpath.join(location, INDEX_NAME) if _is_remote(location) else str(Path(location) / INDEX_NAME))
-    base = posixpath.dirname(index_path) if _is_remote(index_path) else str(Path(index_path).parent)
+    base = (posixpath.dirname(index_path.split("?", 1)[0] if is_http_url(index_path) else index_path)
+            if _is_remote(index_path) else str(Path(index_path).parent))
     try:
-        with wds.gopen(index_path, "rb") as stream:
-            payload = json.loads(stream.read().decode("utf-8"))
+        if is_http_url(index_path):
+            payload = json.loads(read_remote_bytes(index_path, remote).decode("utf-8"))
+        else:
+            with wds.gopen(index_path, "rb") as stream:
+                payload = json.loads(stream.read().decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no shard index at {index_path}; write shards with tools/make_shards.py, or index existing "
@@ -153,170 +164,10 @@ def load_index(location: str | Path) -> ShardIndex:
     return ShardIndex(shards=shards, skipped=payload.get("skipped", []), presized=payload.get("presized"))
 
 
-# ---------------------------------------------------------------------------------------- images
-# Decompression-bomb guard: an image whose header promises more pixels than this is refused before any
-# pixel is decoded (PIL itself only warns between 1x and 2x its limit). Raise it with VLSAFE_MAX_IMAGE_PIXELS.
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default: ~0.25 GB as 24-bit RGB
-# Above this many pixels, JPEGs are checked and decoded at reduced scale (DCT scaling), so a 50-megapixel
-# photo never costs a full-resolution buffer; the whole file is still read, so truncation is still caught.
-LARGE_IMAGE_PIXELS = 4096 * 4096
-
-
-_PIXEL_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
-
-
-def parse_pixel_count(value: str, name: str = "VLSAFE_MAX_IMAGE_PIXELS") -> int:
-    """`89478485`, `89_478_485`, `89,478,485`, `50M`, `1.5G`, `500k` -> pixels; anything else names `name`."""
-    text = value.strip().lower().replace("_", "").replace(",", "")
-    suffix = text[-1:] if text[-1:] in _PIXEL_SUFFIXES else ""
-    number = text[:-1] if suffix else text
-    try:
-        pixels = int(float(number) * _PIXEL_SUFFIXES[suffix]) if number else -1
-    except (ValueError, OverflowError):  # not a number, nan, inf
-        pixels = -1
-    if pixels < 1:
-        raise ValueError(f"{name}={value!r} is not a pixel count; use a positive whole number (89478485, "
-                         f"89_478_485) or one with a k/M/G suffix (50M = 50,000,000 pixels)")
-    return pixels
-
-
-def max_image_pixels() -> int:
-    """The decompression-bomb limit in pixels (env `VLSAFE_MAX_IMAGE_PIXELS`, e.g. `200000000` or `200M`;
-    default PIL's 89,478,485)."""
-    value = os.environ.get("VLSAFE_MAX_IMAGE_PIXELS")
-    limit = parse_pixel_count(value) if value else DEFAULT_MAX_IMAGE_PIXELS
-    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = limit  # PIL's own (2x) check must not be stricter than the one asked for
-    return limit
-
-
-def open_image(data: bytes, sample_id: str, field_name: str, draft_side: int | None = None) -> Image.Image:
-    """Open and fully decode encoded bytes, or raise `SampleError` naming the sample and field.
-
-    Refuses empty data and decompression bombs (judged from the header, before decoding). With
-    `draft_side`, a large JPEG is decoded at the smallest DCT scale that keeps both sides >= `draft_side`.
-    """
-    if not data:
-        raise SampleError(sample_id, field_name, "image is empty (0 bytes)")
-    limit = max_image_pixels()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged below, with a clear error
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise SampleError(sample_id, field_name, f"refused as a possible decompression bomb: {err}") from None
-    except Exception as err:  # PIL raises many types for broken files
-        raise SampleError(sample_id, field_name, f"image does not decode: {err}") from None
-    width, height = img.size
-    if width * height > limit:
-        raise SampleError(sample_id, field_name, f"refused as a possible decompression bomb: {width}x{height} = "
-                                                 f"{width * height:,} pixels exceeds the limit of {limit:,} "
-                                                 f"(set VLSAFE_MAX_IMAGE_PIXELS to raise it)")
-    if width < 1 or height < 1:
-        raise SampleError(sample_id, field_name, f"image has no pixels ({width}x{height})")
-    if draft_side and width * height > LARGE_IMAGE_PIXELS and img.format == "JPEG":
-        img.draft(img.mode, (draft_side, draft_side))
-    try:
-        img.load()
-    except Exception as err:
-        raise SampleError(sample_id, field_name, f"image does not decode: {err}") from None
-    return img
-
-
-def inspect_image(image: bytes | str | Path, sample_id: str, field_name: str) -> tuple[bytes, str, tuple[int, int]]:
-    """(bytes, extension, (width, height)) of an image given as bytes or a path, after checking it decodes.
-
-    Images are stored as the original encoded bytes (no re-encoding loss); a full decode here means a
-    corrupt or truncated file is reported at shard-writing time, not in the middle of training.
-    """
-    if isinstance(image, (str, Path)):
-        try:
-            data = Path(image).read_bytes()
-        except OSError as err:
-            raise SampleError(sample_id, field_name, f"cannot read image file {image}: {err.strerror}") from None
-    else:
-        data = bytes(image)
-    img = open_image(data, sample_id, field_name, draft_side=64)  # a large JPEG is checked at 1/8 scale
-    fmt = img.format
-    img.close()
-    size = image_header_size(data, sample_id, field_name)  # the stored size, whatever scale was decoded
-    return data, _PIL_TO_EXT.get(fmt or "", "png" if fmt is None else fmt.lower()), size
-
-
-def encoded_image(image: bytes | str | Path, sample_id: str, field_name: str) -> tuple[bytes, str]:
-    """Return (bytes, extension) for an image given as bytes or a path, after checking it decodes."""
-    data, ext, _ = inspect_image(image, sample_id, field_name)
-    return data, ext
-
-
-def image_header_size(data: bytes, sample_id: str, field_name: str) -> tuple[int, int]:
-    """(width, height) from the header alone (cheap: no pixel is decoded)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                return img.size
-    except Exception as err:
-        raise SampleError(sample_id, field_name, f"image does not decode: {err}") from None
-
-
-def decode_image(data: bytes, sample_id: str = "?", field_name: str = "images",
-                 max_side: int | None = None, rgb_mode: str = "composite") -> Image.Image:
-    """Decode encoded bytes to an RGB PIL image (alpha is composited on white, palettes expanded, 16-bit and
-    float greyscale rescaled to 8 bits; `rgb_mode="pil"`: LLaVA's plain `convert('RGB')`, see `to_rgb`).
-
-    With `max_side` (the model's input side), an image whose longer side exceeds 8x `max_side` is decoded
-    at reduced scale (JPEG) and box-reduced to at least 4x `max_side`, so huge or extremely elongated
-    images never allocate full-resolution (or padded-square) buffers, while the final bicubic resize
-    still sees >= 4x the pixels it keeps (the result stays within a grey level or so of a full decode).
-    """
-    img = to_rgb(open_image(data, sample_id, field_name, draft_side=4 * max_side if max_side else None), rgb_mode)
-    if max_side and max(img.size) > 8 * max_side:
-        img = img.reduce(max(1, max(img.size) // (4 * max_side)))
-    return img
-
-
-RGB_MODES = ("composite", "pil")
-
-
-def to_rgb(img: Image.Image, rgb_mode: str = "composite") -> Image.Image:
-    """Any PIL mode -> RGB with the pixel values a viewer would show (`rgb_mode="composite"`).
-
-    `rgb_mode="pil"` is PIL's plain `convert("RGB")`, what LLaVA's loader does (llava/train/train.py:701): alpha
-    is dropped, so a transparent pixel shows whatever colour is stored under it, and 16-bit grey is clipped.
-    The two agree on every image without alpha or high-depth grey (RGB, L, P, CMYK, 1-bit)."""
-    if rgb_mode == "pil":
-        return img.convert("RGB")
-    if rgb_mode != "composite":
-        raise ValueError(f"rgb_mode must be one of {RGB_MODES}, got {rgb_mode!r}")
-    if img.mode.startswith("I") or img.mode == "F":
-        img = _high_depth_to_l(img)
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
-
-
-def _high_depth_to_l(img: Image.Image) -> Image.Image:
-    """16/32-bit integer and float greyscale -> 8-bit "L" (PIL's own conversion clips, turning a 16-bit
-    PNG white). 16-bit modes keep the high byte; "I" with values above 255 is taken as 16-bit; "F" in
-    [0, 1] is scaled to [0, 255], otherwise clipped."""
-    import numpy as np
-
-    array = np.asarray(img)
-    if img.mode.startswith("I;16") or (img.mode == "I" and array.size and array.max() > 255):
-        array = array.astype(np.int64) >> 8
-    elif img.mode == "F" and array.size and np.nanmax(array) <= 1.0:
-        array = np.nan_to_num(array) * 255.0
-    return Image.fromarray(np.clip(np.nan_to_num(array), 0, 255).astype(np.uint8), mode="L")
-
-
-# ---------------------------------------------------------------------------------------- writing
 def sample_members(sample: Sample, key: str, presize: ImagePresizer | None = None) -> dict[str, bytes | str]:
     """Encode one validated sample into tar members (all bytes); images and masks are decoded once to check
     them, and boxes/masks are checked against the first image's size. With `presize`, images are stored
-    squared and resized to the model's side (PPM or PNG, see `vlsafe.data.images_presize`)."""
+    squared and resized to the model's side (PPM or PNG, see `vlsafe.data.images`)."""
     members: dict[str, bytes | str] = {"__key__": key, "json": sample.to_json()}
     if presize is not None and (sample.boxes or sample.masks):
         # Boxes and masks are in the original image's pixels; pre-sizing would silently move them.
@@ -520,13 +371,21 @@ def _raise(err: Exception) -> bool:
 
 
 def iter_shard(url: str, keep: Callable[[int], bool] | None = None,
-               on_sample_error: Callable[[SampleError], None] | None = None) -> Iterator[tuple[int, Sample]]:
+               on_sample_error: Callable[[SampleError], None] | None = None,
+               remote: RemoteReadPolicy | None = None) -> Iterator[tuple[int, Sample]]:
     """Yield `(position_in_shard, Sample)` for one tar; `keep(position)` skips parsing unwanted ones.
 
     Images and masks stay encoded bytes: decoding belongs to the (parallel) transform step. A record that
     does not parse or validate raises `SampleError`, or goes to `on_sample_error` and is left out.
+    `http(s)://` and `s3://` shards are streamed under `remote`'s timeouts and retries (`vlsafe.data.remote`); one
+    that cannot be read completely raises `ShardReadError` (url, bytes read).
     """
-    raw_samples = wds.tarfile_to_samples(handler=_raise)([{"url": url}])
+    stream = open_remote_shard(url, remote) if is_http_url(url) else None
+    if stream is None:
+        raw_samples = wds.tarfile_to_samples(handler=_raise)([{"url": url}])
+    else:  # webdataset's own tar reading, over the retrying stream instead of its `curl` pipe
+        raw_samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=_raise),
+                                    handler=_raise)
     position = 0
     try:
         for raw in raw_samples:
@@ -540,10 +399,13 @@ def iter_shard(url: str, keep: Callable[[int], bool] | None = None,
                 else:
                     yield position, sample
             position += 1
-    except SampleError:
+    except (SampleError, ShardReadError):
         raise
     except Exception as err:
         raise IOError(f"cannot read shard {url} after {position} sample(s): {err}") from err
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 def unsafe_member_name(name: str) -> bool:
@@ -594,11 +456,12 @@ def sample_from_members(raw: dict[str, bytes], where: str) -> Sample:
     return sample
 
 
-def read_samples(location: str | Path, limit: int | None = None) -> Iterator[Sample]:
+def read_samples(location: str | Path, limit: int | None = None,
+                 remote: RemoteReadPolicy | None = None) -> Iterator[Sample]:
     """All samples of a shard directory in index order (for evaluation and tools, not training)."""
     produced = 0
-    for shard in load_index(location).shards:
-        for _, sample in iter_shard(shard.url):
+    for shard in load_index(location, remote).shards:
+        for _, sample in iter_shard(shard.url, remote=remote):
             if limit is not None and produced >= limit:
                 return
             yield sample

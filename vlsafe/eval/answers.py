@@ -14,9 +14,10 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from vlsafe.core.vlm import IGNORE_INDEX, VLM
-from vlsafe.data.encoders import PromptEncoder, split_reference
-from vlsafe.data.processor import VLMProcessor
+from vlsafe.constants import IGNORE_INDEX
+from vlsafe.core.vlm import VLM
+from vlsafe.data.encoding.encoders import PromptEncoder, split_reference
+from vlsafe.data.encoding.processor import VLMProcessor
 from vlsafe.data.schema import Sample
 
 

@@ -1,48 +1,12 @@
 """Lightning callbacks that report evaluation numbers during `fit`."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import lightning as L
 
 from vlsafe.data.shards import read_samples
+from vlsafe.data.synthetic.world import generate as synthetic
 from vlsafe.eval.answers import AnswerReport, evaluate_answers
-
-
-class BeforeAfterEvaluation(L.Callback):
-    """Evaluate at fit start and fit end, print one line each, log the final metrics and write them to
-    `<log_dir>/<results_file>`. Subclasses implement `evaluate`."""
-
-    results_file = "evaluation.json"
-
-    def __init__(self) -> None:
-        self.results: dict[str, dict[str, Any]] = {}
-
-    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[Any, dict[str, Any], dict[str, float]]:
-        """Return (report with `.summary()`, JSON-safe record, metrics to log)."""
-        raise NotImplementedError
-
-    def _run(self, trainer: L.Trainer, module: L.LightningModule, when: str) -> dict[str, float]:
-        report, record, metrics = self.evaluate(trainer, module)
-        self.results[when] = record
-        if trainer.is_global_zero:
-            print(f"[held-out, {when}] {report.summary()}", flush=True)
-        return metrics
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._run(trainer, pl_module, "before training")
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = self._run(trainer, pl_module, "after training")
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        log_dir = trainer.log_dir  # a collective call under some strategies: every rank must make it
-        if trainer.is_global_zero and log_dir:
-            out = Path(log_dir) / self.results_file
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(self.results, indent=1))
+from vlsafe.monitoring.callbacks import BeforeAfterEvaluation
 
 
 class AnswerAccuracy(BeforeAfterEvaluation):
@@ -65,7 +29,6 @@ class AnswerAccuracy(BeforeAfterEvaluation):
 
     def _samples(self, trainer: L.Trainer):
         if self.synthetic_samples:
-            from vlsafe.data.synthetic import generate as synthetic
 
             return list(synthetic(min(self.synthetic_samples, self.max_samples), seed=0, kinds=["qa"],
                                   split="heldout"))

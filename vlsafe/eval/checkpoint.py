@@ -18,6 +18,11 @@ from typing import Any
 
 import torch
 
+from vlsafe.builders import FromCheckpoint, LlavaHF, LlavaOriginal, resolve_dtype
+from vlsafe.data.encoding.templates import get_template
+from vlsafe.methods.base import VLMModule
+from vlsafe.methods.sft import SFTModule
+from vlsafe.moved import current_class_path
 from vlsafe.ops.checkpoint_guard import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -27,8 +32,8 @@ MODEL_TYPES = ("ckpt", "llava-hf", "llava-original")
 
 def resolve_module_class(class_path: str) -> type:
     """A vlsafe `VLMModule` subclass by dotted path; anything else is refused (no arbitrary imports)."""
-    from vlsafe.methods.base import VLMModule
 
+    class_path = current_class_path(class_path)  # a checkpoint from before the layout redesign
     module_name, _, class_name = class_path.rpartition(".")
     if not module_name.startswith("vlsafe."):
         raise ValueError(f"model class {class_path!r} is not a vlsafe class")
@@ -72,15 +77,13 @@ def load_module(path: str | Path, *, model_type: str = "ckpt", model_class: str 
 
     - `model_type="ckpt"` (a vlsafe checkpoint): without `model_class`, the core is rebuilt with
       `FromCheckpoint` (LoRA merged) inside an `SFTModule`; with `model_class` (e.g.
-      `vlsafe.methods.preference.PreferenceModule`), that class is built from the checkpoint's
+      `vlsafe.methods.preference.module.PreferenceModule`), that class is built from the checkpoint's
       hyperparameters (those it does not accept are dropped, with a log line) and its whole state dict
       is loaded strictly.
     - `model_type="llava-hf"` / `"llava-original"`: a LLaVA folder through `LlavaHF` / `LlavaOriginal`.
 
     `template` overrides the chat template the builder chose; `dtype` (bf16, fp16, fp32) casts after loading.
     """
-    from vlsafe.core.builders import resolve_dtype
-    from vlsafe.data.templates import get_template
 
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model type {model_type!r}; choose one of {MODEL_TYPES}")
@@ -101,8 +104,6 @@ def load_module(path: str | Path, *, model_type: str = "ckpt", model_class: str 
 
 
 def _build(path: Path, model_type: str, model_class: str | None):
-    from vlsafe.core.builders import FromCheckpoint, LlavaHF, LlavaOriginal
-    from vlsafe.methods.sft import SFTModule
 
     if model_type == "ckpt" and model_class:
         cls = resolve_module_class(model_class)

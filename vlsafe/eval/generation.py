@@ -6,7 +6,7 @@ Answers are appended to a JSON Lines cache after every batch. The first line rec
 was generated for. A killed run therefore continues where it stopped, a finished one costs nothing to
 re-run, and a cache written with other settings is refused instead of silently mixed in.
 
-(`vlsafe.data.blind.run_chunked` resumes shard-to-shard tools; evaluation needs a per-answer cache
+(`vlsafe.methods.preference.blind.run_chunked` resumes shard-to-shard tools; evaluation needs a per-answer cache
 keyed by sample id, which is what this module keeps.)
 """
 from __future__ import annotations
@@ -22,7 +22,11 @@ from typing import Any, Sequence
 
 import torch
 
+from vlsafe.data.encoding.encoders import PromptEncoder
+from vlsafe.data.encoding.templates import get_template
+from vlsafe.data.images import encoded_image
 from vlsafe.data.schema import Sample, SampleError
+from vlsafe.eval.image_preprocess import check_image_preprocess, processor_for
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,6 @@ class GenerationConfig:
     max_length: int | None = None
 
     def __post_init__(self) -> None:
-        from vlsafe.eval.image_preprocess import check_image_preprocess
 
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -70,7 +73,6 @@ class GenerationConfig:
             raise ValueError(f"generation preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         check_image_preprocess(self.image_preprocess, "generation")
         if self.template is not None:
-            from vlsafe.data.templates import get_template
 
             get_template(self.template)  # unknown names fail before any work
 
@@ -159,7 +161,6 @@ def _with_image_bytes(sample: Sample) -> Sample:
     """Images given as paths (converter output) are read and checked here, one batch at a time."""
     if all(isinstance(image, bytes) for image in sample.images):
         return sample
-    from vlsafe.data.shards import encoded_image
 
     images = [encoded_image(image, sample.id, f"images[{i}]")[0] for i, image in enumerate(sample.images)]
     return Sample(id=sample.id, messages=sample.messages, images=images, meta=sample.meta)
@@ -170,7 +171,6 @@ def _processor_with_template(processor, template: str | None, max_length: int | 
     left untouched)."""
     if template is None and max_length is None:
         return processor
-    from vlsafe.data.templates import get_template
 
     processor = copy.copy(processor)
     if template is not None:
@@ -193,7 +193,6 @@ def generate_answers(model, samples: Sequence[Sample], config: GenerationConfig 
     """
     from tqdm.auto import tqdm
 
-    from vlsafe.data.encoders import PromptEncoder
 
     config = config or GenerationConfig()
     if batch_size < 1:
@@ -218,7 +217,6 @@ def generate_answers(model, samples: Sequence[Sample], config: GenerationConfig 
     if not pending:
         return result
 
-    from vlsafe.eval.image_preprocess import processor_for
 
     encoder = PromptEncoder(processor_for(_processor_with_template(model.processor, config.template,
                                                                    config.max_length),

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from vlsafe.data.schema import Sample
-from vlsafe.eval.answers import normalise_answer
-from vlsafe.eval.callbacks import BeforeAfterEvaluation
+from vlsafe.data.synthetic.world import WorldConfig, generate
+from vlsafe.eval.answers import greedy_answers, normalise_answer
+from vlsafe.monitoring.callbacks import BeforeAfterEvaluation
 
 REJECTION_WORDS = frozenset({"no", "not"})
 
@@ -126,7 +127,6 @@ def hallucination_samples(n_existence: int, n_false_premise: int, *, seed: int =
                           cfg=None) -> list[Sample]:
     """Held-out questions: `n_existence` existence questions from the world's `qa` kind (present/absent about
     50/50 by construction) and `n_false_premise` `negative`-kind instructions."""
-    from vlsafe.data.synthetic import WorldConfig, generate
 
     cfg = cfg or WorldConfig()
     existence: list[Sample] = []
@@ -143,7 +143,6 @@ def hallucination_samples(n_existence: int, n_false_premise: int, *, seed: int =
 def evaluate_hallucination(vlm, processor, samples: Iterable[Sample], *, batch_size: int = 16,
                            max_new_tokens: int = 16) -> HallucinationReport:
     """Greedy answers to `samples` (see `hallucination_samples`), scored by `score_hallucination`."""
-    from vlsafe.eval.answers import greedy_answers
 
     samples = list(samples)
     was_training = vlm.training

@@ -20,9 +20,9 @@ import copy
 import torch
 from PIL import Image
 
-from vlsafe.data.processor import VLMProcessor
+from vlsafe.data.encoding.processor import VLMProcessor
+from vlsafe.data.images import decode_image, to_rgb
 from vlsafe.data.schema import SampleError
-from vlsafe.data.shards import decode_image, to_rgb
 
 IMAGE_PREPROCESS = ("pad", "crop", "resize")
 #: above this aspect ratio the centre square is cut before resizing (the resized sliver would be huge)

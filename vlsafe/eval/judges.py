@@ -37,7 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from vlsafe.eval.refusal import vlguard_keywords
+from vlsafe.data.images import encoded_image
+from vlsafe.monitoring.refusal import vlguard_keywords
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class DetectorJudge:
     """Safe iff `detector.p_safe(question, answer) >= threshold`.
 
     `detector` is any object with `p_safe(questions, answers) -> list[float]`; or give `checkpoint` and
-    the class (`class_path`, default the protector's `vlsafe.protector.HarmDetector`) is imported and
+    the class (`class_path`, default the protector's `vlsafe.methods.protector.HarmDetector`) is imported and
     loaded on first use, through its `load(path, device=...)` (HarmDetector: a `.ckpt` or a merged model
     folder), else `from_checkpoint(path)`, else Lightning's `load_from_checkpoint(path, weights_only=True)`.
     """
@@ -116,7 +117,7 @@ class DetectorJudge:
     name = "detector"
 
     def __init__(self, detector: Any = None, *, checkpoint: str | None = None,
-                 class_path: str = "vlsafe.protector.HarmDetector", threshold: float = 0.5, batch_size: int = 16,
+                 class_path: str = "vlsafe.methods.protector.HarmDetector", threshold: float = 0.5, batch_size: int = 16,
                  device: str = "cpu"):
         if detector is None and not checkpoint:
             raise ValueError("detector judge: give `checkpoint` (a harm-detector checkpoint)")
@@ -134,7 +135,7 @@ class DetectorJudge:
             if not module_name.startswith("vlsafe."):
                 raise ValueError(f"detector judge: class_path {self.class_path!r} is not a vlsafe class")
             cls = getattr(importlib.import_module(module_name), class_name)
-            if hasattr(cls, "load"):  # vlsafe.protector.HarmDetector.load(path, device=...): .ckpt or model folder
+            if hasattr(cls, "load"):  # vlsafe.methods.protector.HarmDetector.load(path, device=...): .ckpt or model folder
                 detector = cls.load(self.checkpoint, device=self.device)
             elif hasattr(cls, "from_checkpoint"):
                 detector = cls.from_checkpoint(self.checkpoint)
@@ -307,7 +308,6 @@ class ChatJudge:
             return [{"role": "user", "content": prompt}]
         import base64
 
-        from vlsafe.data.shards import encoded_image
 
         data, ext = encoded_image(image, "judge", "image")
         url = f"data:image/{'jpeg' if ext == 'jpg' else ext};base64,{base64.b64encode(data).decode('ascii')}"

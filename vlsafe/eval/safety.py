@@ -13,12 +13,13 @@ from typing import Iterable
 import lightning as L
 
 from vlsafe.core.vlm import VLM
-from vlsafe.data.processor import VLMProcessor
+from vlsafe.data.encoding.processor import VLMProcessor
 from vlsafe.data.schema import Sample
 from vlsafe.data.shards import read_samples
+from vlsafe.data.synthetic.world import generate
 from vlsafe.eval.answers import greedy_answers
-from vlsafe.eval.callbacks import BeforeAfterEvaluation
-from vlsafe.eval.refusal import is_refusal
+from vlsafe.monitoring.callbacks import BeforeAfterEvaluation
+from vlsafe.monitoring.refusal import is_refusal
 
 _REFUSE_SUBSETS = {"unsafes": True, "safe_unsafes": True, "safe_safes": False}
 _REFUSE_TYPES = {"harmless": True, "helpful": False}
@@ -106,7 +107,6 @@ class SafetyRate(BeforeAfterEvaluation):
     def samples(self) -> list[Sample]:
         if self.path:
             return list(read_samples(self.path, limit=self.max_samples))
-        from vlsafe.data.synthetic import generate
 
         return list(generate(min(self.synthetic_samples, self.max_samples), seed=0, kinds=self.kinds,
                              split="heldout"))

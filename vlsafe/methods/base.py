@@ -10,15 +10,33 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
 
-from vlsafe.core.builders import VLMBuilder
-from vlsafe.core.lora import LoraSettings, count_parameters, enable_gradient_checkpointing, set_trainable
+from vlsafe.builders import VLMBuilder, build_on_meta
+from vlsafe.core.lora import (
+    LoraSettings,
+    count_parameters,
+    enable_gradient_checkpointing,
+    peft_free_name,
+    set_trainable,
+)
+from vlsafe.core.streaming import materialize
 from vlsafe.core.vlm import VLM
-from vlsafe.data.processor import VLMProcessor
+from vlsafe.data.encoding.processor import VLMProcessor
+from vlsafe.scale.deepspeed import register_zero3_external_parameters
+from vlsafe.scale.fsdp2 import (
+    average_gradients,
+    broadcast_parameters,
+    replicated_trainable_parameters,
+    shard_report,
+    shard_vlm,
+)
+
+Schedule = Literal["cosine", "linear", "constant"]
+Fused = Literal["auto", "true", "false"]
 
 
 @dataclass
@@ -43,12 +61,12 @@ class OptimSettings:
     eps: float = 1e-8
     warmup_ratio: float = 0.03
     warmup_steps: int | None = None
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     min_lr_ratio: float = 0.0
-    fused: str | bool = "auto"
+    fused: Fused | bool = "auto"
 
 
-FUSED_CHOICES = ("auto", "true", "false")
+FUSED_CHOICES: tuple[str, ...] = get_args(Fused)
 
 
 @dataclass
@@ -185,7 +203,12 @@ class VLMModule(MethodModule):
             "train_projector": train_projector, "train_llm": train_llm,
             "gradient_checkpointing": gradient_checkpointing, "optim": asdict(self.optim),
             "generation": asdict(self.generation), **self.extra_hparams()})
-        self.vlm, self.processor = builder.build()
+        self._weights = None  # streamed load: where configure_model reads this rank's tensors from
+        if getattr(builder, "load", "eager") == "streamed":
+            skeleton = build_on_meta(builder)
+            self.vlm, self.processor, self._weights = skeleton.vlm, skeleton.processor, skeleton.weights
+        else:
+            self.vlm, self.processor = builder.build()
         self.vlm.train()  # loaders return eval-mode models; Lightning 2.6 no longer calls .train() for us
         set_trainable(self.vlm, train_vision=train_vision, train_projector=train_projector, train_llm=train_llm,
                       lora=self.lora)
@@ -228,27 +251,41 @@ class VLMModule(MethodModule):
         cores += [m for m in self.children() if isinstance(m, VLM) and m is not self.vlm]
         return cores
 
+    def materialize(self, device: torch.device | str = "cpu") -> None:
+        """`load: streamed`: read every parameter still on the meta device from the checkpoint, tensor by tensor
+        (only this rank's rows of FSDP2-sharded ones). A no-op for eager loads and when already done."""
+        if self._weights is None:
+            return
+
+        for core in self.sharded_cores():
+            materialize(core, self._weights, device=device, rename=peft_free_name)
+
     def configure_model(self) -> None:
         """Under `ModelParallelStrategy` (e.g. `vlsafe.scale.FSDP2`), shard each core with FSDP2.
 
         Under DeepSpeed ZeRO-3, register the vision tower's externally used parameters. Other strategies
         need nothing here: DDP replicates, Lightning's FSDP wraps the whole module itself. Called once per
-        Trainer entry point, so it is a no-op when already sharded.
+        Trainer entry point, so it is a no-op when already sharded. With `load: streamed` the cores are on the
+        meta device until here: sharded first, then each rank reads only its shard (FSDP2); every other
+        strategy (and no Trainer, e.g. `load_from_checkpoint`) reads the whole model, tensor by tensor.
         """
-        from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+        from lightning.pytorch.strategies import (
+            DeepSpeedStrategy,
+            ModelParallelStrategy,
+        )
 
         if not hasattr(self, "_unsharded_counts"):
             self._unsharded_counts = count_parameters(self.vlm)
         trainer = self._trainer
+        model_parallel = trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
+        if not model_parallel:
+            self.materialize()
         if trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
-            from vlsafe.scale.deepspeed import register_zero3_external_parameters
             register_zero3_external_parameters(self)
-        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+        if not model_parallel:
             return
         from torch.distributed.fsdp import FSDPModule
 
-        from vlsafe.scale.fsdp2 import (broadcast_parameters, replicated_trainable_parameters, shard_report,
-                                        shard_vlm)
 
         mesh = self.device_mesh
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
@@ -268,6 +305,7 @@ class VLMModule(MethodModule):
             classes = shard_vlm(core, mesh["data_parallel"], **options)
             if core is self.vlm:
                 self.print(f"vlsafe: {shard_report(classes, core)} over {mesh['data_parallel'].size()} processes")
+        self.materialize("cpu" if options.get("cpu_offload") else trainer.strategy.root_device)
         # A method's own trainable heads outside the cores stay whole on every rank, DDP-style.
         self._replicated = replicated_trainable_parameters(self)
         broadcast_parameters(self._replicated, mesh["data_parallel"])
@@ -275,7 +313,6 @@ class VLMModule(MethodModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         replicated = getattr(self, "_replicated", None)
         if replicated:
-            from vlsafe.scale.fsdp2 import average_gradients
             average_gradients(replicated, self.device_mesh["data_parallel"])
 
     def on_fit_start(self) -> None:

@@ -111,7 +111,10 @@ def read_metrics_csv(path: Path) -> dict[str, Series]:
 def read_tensorboard(folder: Path) -> dict[str, Series]:
     """Scalar series from the TensorBoard event files in `folder` (all of them, as TensorBoard merges them)."""
     try:
-        from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+        from tensorboard.backend.event_processing.event_accumulator import (
+            SCALARS,
+            EventAccumulator,
+        )
     except ImportError:
         raise RunLogError(f"{folder}: reading TensorBoard event files needs the `tensorboard` package "
                           "(pip install tensorboard), or point the report at the run's metrics.csv") from None

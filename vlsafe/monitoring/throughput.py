@@ -18,14 +18,15 @@ unknown devices set `peak_flops` (per device, for the compute dtype) to get `tra
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.flop_counter import FlopCounterMode
 
-FLOPS_MODES = ("measured", "off")
+FlopsMode = Literal["measured", "off"]
+FLOPS_MODES: tuple[str, ...] = get_args(FlopsMode)
 
 
 def _batch_dict(batch: Any) -> Mapping[str, Any]:
@@ -58,7 +59,7 @@ class VLMThroughputMonitor(ThroughputMonitor):
       defines its own `flops_per_batch` keeps it.
     """
 
-    def __init__(self, window_size: int = 50, peak_flops: float | None = None, flops: str = "measured"):
+    def __init__(self, window_size: int = 50, peak_flops: float | None = None, flops: FlopsMode = "measured"):
         if flops not in FLOPS_MODES:
             raise ValueError(f"unknown flops mode {flops!r}; choose one of {FLOPS_MODES}")
         if peak_flops is not None and peak_flops <= 0:

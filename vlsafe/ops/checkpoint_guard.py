@@ -15,8 +15,14 @@ from typing import Any
 
 import lightning as L
 
+from vlsafe.moved import current_class_path, current_class_paths
 from vlsafe.ops.checkpoint_io import check_writable
-from vlsafe.ops.checkpoint_read import SAFE_GLOBALS, CheckpointLoadError, is_remote, read_checkpoint
+from vlsafe.ops.checkpoint_read import (
+    SAFE_GLOBALS,
+    CheckpointLoadError,
+    is_remote,
+    read_checkpoint,
+)
 
 __all__ = ["SAFE_GLOBALS", "CheckpointLoadError", "CheckpointMismatchError", "CheckpointGuard", "check_resume",
            "is_remote", "read_checkpoint", "resume_differences", "report_ignored"]
@@ -25,7 +31,8 @@ METHOD_KEY = "vlsafe_method"
 # Settings a resume restores from the checkpoint (optimizer/scheduler state, generation defaults): a
 # different value in the recipe or on the command line is reported as ignored, not refused.
 RESUME_RESTORES = ("optim", "generation", "gradient_checkpointing")
-MODEL_KEYS = ("vlm", "lora", "model")  # "model": the text-only modules of vlsafe.protector
+MAX_SHOWN = 24  # differences listed in a refusal (a method change lists every argument of the other method)
+MODEL_KEYS = ("vlm", "lora", "model")  # "model": the text-only modules of vlsafe.methods.protector
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was written by another method or model than the recipe's; names each difference."""
@@ -94,8 +101,10 @@ def check_resume(checkpoint: dict[str, Any], path: Any, recipe_class: str, recip
     `fit` resumes the run, so any method/model difference is refused; validate/test/predict only evaluate
     the checkpoint's model, so there only another method class is refused and the rest is reported.
     """
+    # checkpoints written before the layout redesign name classes by their old paths
     written_by = checkpoint.get(METHOD_KEY)
-    hparams = checkpoint.get("hyper_parameters")
+    written_by = current_class_path(written_by) if isinstance(written_by, str) else written_by
+    hparams = current_class_paths(checkpoint.get("hyper_parameters"))
     # without hyperparameters (a sharded checkpoint's shards, a foreign file) only the class can be compared
     method, ignored = resume_differences(hparams, recipe_hparams) if hparams else ([], [])
     wrong_class = written_by is not None and written_by != recipe_class
@@ -103,12 +112,12 @@ def check_resume(checkpoint: dict[str, Any], path: Any, recipe_class: str, recip
         who = f"was written by {written_by}" if wrong_class else "has other method/model hyperparameters"
         lines = ([f"method: {recipe_class} (recipe/CLI) vs {written_by} (checkpoint)"] if wrong_class else []) + method
         raise CheckpointMismatchError(
-            f"{path} {who}, not by this recipe's {recipe_class} with its settings:\n  " + "\n  ".join(lines[:12])
-            + ("\n  ..." if len(lines) > 12 else "")
+            f"{path} {who}, not by this recipe's {recipe_class} with its settings:\n  " + "\n  ".join(lines[:MAX_SHOWN])
+            + ("\n  ..." if len(lines) > MAX_SHOWN else "")
             + f"\n--ckpt_path continues the run that wrote the checkpoint (its optimizer, schedule and data position "
               f"come with it). To start this recipe from its weights, drop --ckpt_path and set "
               f"model.init_args.vlm to "
-              f"{{class_path: vlsafe.core.builders.FromCheckpoint, init_args: {{path: {path}}}}}")
+              f"{{class_path: vlsafe.builders.FromCheckpoint, init_args: {{path: {path}}}}}")
     return ignored if stage == "fit" else ignored + method
 
 

@@ -21,10 +21,12 @@ from typing import Callable
 
 from PIL import Image
 
-from vlsafe.data.encoders import ConversationEncoder, PreferenceEncoder
-from vlsafe.data.processor import VLMProcessor, image_bytes
+from vlsafe.data.encoding.encoders import ConversationEncoder
+from vlsafe.data.encoding.processor import VLMProcessor, image_bytes
+from vlsafe.data.images import decode_image
 from vlsafe.data.schema import Sample, SampleError
-from vlsafe.data.shards import decode_image, load_index, read_samples, write_shards
+from vlsafe.data.shards import load_index, read_samples, write_shards
+from vlsafe.methods.preference.encoding import PreferenceEncoder
 
 LOADS, REJECTED = "loads", "rejected"
 
@@ -72,7 +74,7 @@ class Bench:
         self.root.mkdir(parents=True, exist_ok=True)
         if tokenizer is None:
             from vlsafe.core.tokenizer import train_bpe_tokenizer
-            from vlsafe.data.templates import VICUNA_SYSTEM
+            from vlsafe.data.encoding.templates import VICUNA_SYSTEM
             tokenizer = train_bpe_tokenizer([VICUNA_SYSTEM, "USER: ASSISTANT: What is it? A red square."] * 3,
                                             vocab_size=300)
         self.processor = VLMProcessor(tokenizer, "vicuna_v1", image_size=32, num_image_tokens=4, max_length=512)
@@ -522,7 +524,7 @@ def _unknown_recipe_key(bench: Bench) -> str:
 
     path = bench.folder("recipe") / "recipe.yaml"
     path.write_text("trainer:\n  max_stepz: 3\nmodel:\n  class_path: vlsafe.methods.sft.SFTModule\n"
-                    "  init_args:\n    vlm:\n      class_path: vlsafe.core.builders.TinyVLM\n"
+                    "  init_args:\n    vlm:\n      class_path: vlsafe.builders.TinyVLM\n"
                     "      init_args: {hidden_size: 32}\n    optim: {lrr: 1.0e-3}\n")
     check_recipe_keys(path, raise_error=True)
     return "loaded"

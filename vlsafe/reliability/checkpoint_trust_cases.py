@@ -16,7 +16,14 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vlsafe.reliability.bad_inputs import LOADS, REJECTED, Bench, Case, WrongResult, _Tripwire
+from vlsafe.reliability.bad_inputs import (
+    LOADS,
+    REJECTED,
+    Bench,
+    Case,
+    WrongResult,
+    _Tripwire,
+)
 
 
 @contextlib.contextmanager
@@ -136,7 +143,7 @@ def security_cases() -> list[Case]:
 def _tiny(cls_path: str):
     import importlib
 
-    from vlsafe.core.builders import TinyVLM
+    from vlsafe.builders import TinyVLM
 
     module_name, _, name = cls_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), name)
@@ -148,9 +155,9 @@ def _sft_into_bpo(bench: Bench) -> str:
     from vlsafe.ops.checkpoint_guard import check_resume
 
     sft = _tiny("vlsafe.methods.sft.SFTModule")
-    bpo = _tiny("vlsafe.methods.preference.PreferenceModule")
+    bpo = _tiny("vlsafe.methods.preference.module.PreferenceModule")
     checkpoint = {"hyper_parameters": dict(sft.hparams), "vlsafe_method": "vlsafe.methods.sft.SFTModule"}
-    check_resume(checkpoint, "sft/last.ckpt", "vlsafe.methods.preference.PreferenceModule", dict(bpo.hparams))
+    check_resume(checkpoint, "sft/last.ckpt", "vlsafe.methods.preference.module.PreferenceModule", dict(bpo.hparams))
     raise WrongResult("an SFT checkpoint resumed a BPO recipe")
 
 

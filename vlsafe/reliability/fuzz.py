@@ -20,9 +20,9 @@ from typing import Any
 from hypothesis import strategies as st
 from PIL import Image
 
-from vlsafe.core.vlm import IMAGE_TOKEN_INDEX
-from vlsafe.data.encoders import ConversationEncoder
-from vlsafe.data.processor import VLMProcessor
+from vlsafe.constants import IMAGE_TOKEN_INDEX
+from vlsafe.data.encoding.encoders import ConversationEncoder
+from vlsafe.data.encoding.processor import VLMProcessor
 from vlsafe.data.schema import Sample, SampleError
 from vlsafe.data.shards import iter_shard, read_samples, write_shards
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from vlsafe.data.processor import image_bytes
+from vlsafe.data.encoding.processor import image_bytes
+from vlsafe.data.images import decode_image
 from vlsafe.data.schema import Sample
-from vlsafe.data.shards import decode_image, write_shards
+from vlsafe.data.shards import write_shards
 from vlsafe.reliability.bad_inputs import LOADS, REJECTED, Bench, Case, WrongResult
 
 

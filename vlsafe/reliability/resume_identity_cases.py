@@ -1,14 +1,14 @@
 """Trust case for the resumable offline tools (issue 16, case 14): a resume must continue with the *same* model.
 
-tools/blind_generate.py and tools/precompute_reference.py share `vlsafe.data.blind.run_chunked`. A run stopped
+tools/blind_generate.py and tools/precompute_reference.py share `vlsafe.methods.preference.blind.run_chunked`. A run stopped
 after its first shard, then continued after the model file behind the same path was replaced, used to keep
 the old model's shards and generate the rest with the new one, without a word. The case runs the shared
-runner on a stand-in weights file; `tests/data/test_blind_and_reference_tools.py` pins the real tools.
+runner on a stand-in weights file; `tests/methods/preference/test_blind_and_reference_tools.py` pins the real tools.
 """
 from __future__ import annotations
 
-from vlsafe.data.blind import ChunkResult, run_chunked
 from vlsafe.data.shards import write_shards
+from vlsafe.methods.preference.blind import ChunkResult, run_chunked
 from vlsafe.reliability.bad_inputs import REJECTED, Bench, Case, WrongResult, qa
 
 

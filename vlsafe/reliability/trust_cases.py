@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from vlsafe.data.shards import parse_pixel_count
+from vlsafe.data.images import parse_pixel_count
 from vlsafe.reliability.bad_inputs import LOADS, REJECTED, Bench, Case, WrongResult
 from vlsafe.reliability.checkpoint_trust_cases import checkpoint_cases, security_cases
 from vlsafe.reliability.evaluation_trust import evaluation_trust_cases

@@ -22,6 +22,8 @@ from typing import Any, Iterator
 
 import torch
 
+from vlsafe.builders import VLMBuilder
+from vlsafe.core.lora import LoraSettings, apply_lora, is_peft
 from vlsafe.core.vlm import VLM
 
 FORMATS = ("lightning", "dcp", "deepspeed")
@@ -119,6 +121,15 @@ def _deepspeed_tag_dir(path: Path, tag: str | None) -> Path:
 
 def read_hparams(path: str | Path, fmt: str | None = None, tag: str | None = None) -> dict[str, Any]:
     """The module hyperparameters stored with the checkpoint (must include vlsafe's `vlm` builder config)."""
+    hparams = read_meta(path, fmt, tag).get("hyper_parameters") or {}
+    if "vlm" not in hparams:
+        raise ConversionError(f"{path}: not a vlsafe checkpoint (no 'vlm' builder in its hyper_parameters)")
+    return hparams
+
+
+def read_meta(path: str | Path, fmt: str | None = None, tag: str | None = None) -> dict[str, Any]:
+    """The checkpoint's non-weight record (hyper_parameters, epoch, global_step, the method vlsafe recorded);
+    for a single-file checkpoint the whole file, memory-mapped."""
     path = Path(path)
     fmt = fmt or detect_format(path)
     if fmt == "lightning":
@@ -134,16 +145,11 @@ def read_hparams(path: str | Path, fmt: str | None = None, tag: str | None = Non
             raise ConversionError(f"{folder}: no *mp_rank_00_model_states.pt file")
         with weights_only_torch_load():
             meta = torch.load(files[-1], map_location="cpu")
-    hparams = meta.get("hyper_parameters") or {}
-    if "vlm" not in hparams:
-        raise ConversionError(f"{path}: not a vlsafe checkpoint (no 'vlm' builder in its hyper_parameters)")
-    return hparams
+    return meta
 
 
 def build_core(hparams: dict[str, Any]) -> tuple[VLM, Any]:
     """Rebuild the VLM (with its LoRA adapter, if it trained one) and its processor from hyperparameters."""
-    from vlsafe.core.builders import VLMBuilder
-    from vlsafe.core.lora import LoraSettings, apply_lora
 
     vlm, processor = VLMBuilder.from_config(hparams["vlm"]).build()
     if hparams.get("lora"):
@@ -226,7 +232,6 @@ def save_llava_adapter(vlm: VLM, out_dir: str | Path) -> Path:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from vlsafe.core.lora import is_peft
 
     llm = vlm.llm
     if not is_peft(llm):
@@ -260,7 +265,6 @@ def without_lora(vlm: VLM) -> VLM:
     """A copy of `vlm` whose LLM is the base model with the adapter removed, not merged."""
     import copy
 
-    from vlsafe.core.lora import is_peft
 
     if not is_peft(vlm.llm):
         return vlm

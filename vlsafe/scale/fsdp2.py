@@ -112,7 +112,9 @@ def shard_vlm(vlm: nn.Module, mesh: Any, reshard_after_forward: bool = True, par
     classes = block_classes(vlm)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            CheckpointWrapper, apply_activation_checkpointing)
+            CheckpointWrapper,
+            apply_activation_checkpointing,
+        )
         apply_activation_checkpointing(vlm, check_fn=lambda m: isinstance(m, tuple(classes)))
         blocks = [m for m in vlm.modules() if isinstance(m, CheckpointWrapper)]
     else:

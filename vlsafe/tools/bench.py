@@ -11,6 +11,9 @@ Scenarios (each contender runs in a fresh process, so its peak RSS is its own):
             `make_shards --presize` (headline), over shards of the same JPEGs, and both with a cold page cache
   generate  batched vs one-by-one greedy generation
   peak      dense matmul FLOP/s of this machine, for model FLOP utilisation of the SFT step
+  serve     `vlsafe serve` under concurrent clients: requests/s and p50/p95 latency with and without the guard
+  packing   SFT on LLaVA-665k-like lengths: samples packed into rows vs one padded row each (one process,
+            steps interleaved; the padded side is the packed contender's companion)
 
 Prints a table of ratios (vlsafe / baseline; > 1 means vlsafe is faster or uses less memory) with the absolute
 figures beside them, and writes everything as JSON (--out). Timings are medians after warm-up steps.
@@ -37,6 +40,8 @@ SCENARIOS = {
              "data/per_file_cold"],
     "generate": ["generate/batched", "generate/one_by_one"],
     "peak": ["peak/matmul"],
+    "serve": ["serve/unguarded", "serve/guarded", "serve/guarded_detox"],
+    "packing": ["sft/packed"],
 }
 
 # (title, contender, baseline, throughput unit). Ratio = contender throughput / baseline throughput.
@@ -53,6 +58,11 @@ COMPARISONS = [
     ("Data: same JPEGs in shards vs per-file (warm)", "data/webdataset_original", "data/per_file", "images"),
     ("Data: cold cache, --presize shards vs per-file", "data/webdataset_cold", "data/per_file_cold", "images"),
     ("Generation: batched vs one-by-one", "generate/batched", "generate/one_by_one", "tokens"),
+    ("SFT packing: packed rows vs padded (LLaVA lengths)", "sft/packed", "sft/padded", "samples"),
+    ("SFT packing: real tokens/s, packed vs padded", "sft/packed", "sft/padded", "tokens"),
+    ("SFT packing: rows <= longest sample vs padded", "sft/packed_longest", "sft/padded", "samples"),
+    ("Serving: guarded (detector + refusal) vs unguarded", "serve/guarded", "serve/unguarded", "requests"),
+    ("Serving: guard + detoxifier (all rewritten) vs none", "serve/guarded_detox", "serve/unguarded", "requests"),
 ]
 
 
@@ -65,7 +75,8 @@ def run_worker(name: str, config: dict, workdir: str) -> None:
 
     torch.set_num_threads(int(os.environ.get("VLSAFE_BENCH_THREADS", torch.get_num_threads())))
     result = CONTENDERS[name](BenchConfig(**config), Path(workdir))
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if "peak_rss_mb" not in result:  # None: both sides of a comparison shared the process
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["threads"] = torch.get_num_threads()
     print("BENCH-RESULT " + json.dumps(result))
 
@@ -83,6 +94,8 @@ def run_contender(name: str, config: dict, root: Path, timeout: float) -> dict:
         raise RuntimeError(f"contender {name} failed (exit {proc.returncode}):\n{tail}")
     result = json.loads(lines[-1][len("BENCH-RESULT "):])
     result["wall_seconds"] = time.perf_counter() - start
+    # a contender may time its baseline in its own process (`companions`, e.g. sft/packed's sft/padded)
+    result["companions"] = {n: summarise(r) for n, r in result.get("companions", {}).items()}
     return summarise(result)
 
 
@@ -103,10 +116,11 @@ def comparison_rows(results: dict[str, dict]) -> list[dict]:
         key = f"{unit}_per_s"
         if not b["throughput"][key]:
             raise RuntimeError(f"{base} did no measurable work ({unit}); increase the sizes")
+        shared = a["peak_rss_mb"] is None or b["peak_rss_mb"] is None  # one process: no memory comparison
         rows.append({"comparison": title, "unit": f"{unit}/s", "vlsafe": a["throughput"][key],
                      "baseline": b["throughput"][key], "speed_ratio": a["throughput"][key] / b["throughput"][key],
                      "vlsafe_peak_mb": a["peak_rss_mb"], "baseline_peak_mb": b["peak_rss_mb"],
-                     "memory_ratio": b["peak_rss_mb"] / a["peak_rss_mb"]})
+                     "memory_ratio": None if shared else b["peak_rss_mb"] / a["peak_rss_mb"]})
     if "sft/vlsafe" in results and "peak/matmul" in results:
         achieved = results["sft/vlsafe"]["throughput"]["flops_per_s"]
         peak = results["peak/matmul"]["throughput"]["flops_per_s"]
@@ -156,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in (bar := tqdm(names, desc="bench", unit="contender")):
             bar.set_postfix_str(name)
             results[name] = run_contender(name, cfg.as_dict(), root, args.timeout)
+            results.update(results[name].pop("companions"))
     rows = comparison_rows(results)
     print(format_table(rows))
+    if any(name.startswith("serve/") for name in results):
+        from vlsafe.bench.serving import serving_table
+
+        print(serving_table(results))
     import torch
 
     report = {"config": cfg.as_dict(), "torch": torch.__version__, "cpu_count": os.cpu_count(),

@@ -23,7 +23,12 @@ import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlsafe.data.blind import BLIND_FORMS, PROMPT_SOURCES, add_chunked_run_arguments, add_model_arguments
+    from vlsafe.methods.preference.blind import (
+        BLIND_FORMS,
+        PROMPT_SOURCES,
+        add_chunked_run_arguments,
+        add_model_arguments,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="preference shard folder (with index.json), tar or pattern")
@@ -41,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace):
-    from vlsafe.data.blind import IDENTICAL, absolute, blind_shards, load_frozen_model, print_run_summary
+    from vlsafe.methods.preference.blind import (
+        IDENTICAL,
+        absolute,
+        blind_shards,
+        load_frozen_model,
+        print_run_summary,
+    )
 
     for flag in ("batch_size", "max_new_tokens", "max_samples"):
         if getattr(args, flag) < 1:
@@ -64,7 +75,7 @@ def run(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None):
-    from vlsafe.data.blind import run_tool
+    from vlsafe.methods.preference.blind import run_tool
 
     return run_tool(build_parser, run, argv)
 

@@ -16,7 +16,7 @@ ground truth (synthetic `safety` shards), the harmful-answer rate with and witho
 
 Defaults reproduce the released evaluation (llava/eval/robustness_eval.py): greedy VLM answers of up to 1024
 new tokens, threshold 0.5, detoxifier prompt + rewrite up to 1024 tokens. --preset sets what the detector and
-the detoxifier read (vlsafe.data.protector_presets): `released` (the bare answer; the rewrite prompt without
+the detoxifier read (vlsafe.methods.protector.presets): `released` (the bare answer; the rewrite prompt without
 the question), `vlsafe` (question + answer, as in vlsafe training). By default each model gets the preset it was
 trained with (a vlsafe checkpoint or merged folder records it) and `released` for other model folders, such as
 the released weights. The demo models are trained with `vlsafe`.
@@ -69,7 +69,7 @@ def load_prompts(args: argparse.Namespace, errors: list | None):
         from vlsafe.data.shards import read_samples
 
         return read_samples(args.shards)
-    from vlsafe.protector.mmsafetybench import read_mmsafetybench
+    from vlsafe.data.sources.mmsafetybench import read_mmsafetybench
 
     return read_mmsafetybench(args.mmsafetybench, args.scenarios, tuple(args.kinds), errors, pairing=args.pairing)
 
@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from tqdm import tqdm
 
-    from vlsafe.core.builders import FromCheckpoint
+    from vlsafe.builders import FromCheckpoint
     from vlsafe.data.schema import SampleError
-    from vlsafe.protector import Detoxifier, GuardedGenerator, HarmDetector
-    from vlsafe.protector.metrics import guard_rates
+    from vlsafe.methods.protector import Detoxifier, GuardedGenerator, HarmDetector
+    from vlsafe.methods.protector.metrics import guard_rates
 
     try:
         vlm, processor = FromCheckpoint(args.vlm).build()

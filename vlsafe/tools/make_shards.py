@@ -4,6 +4,7 @@
     python tools/make_shards.py llava ... --presize 336     # images squared + resized once for a 336-px model
     python tools/make_shards.py mmsafe-po --config config_train.json --keywords train --images /data/mmsafe \
         --out shards/mmsafe-po                                  # or: --json train.json [blind.json ...]
+    python tools/make_shards.py mmsafetybench --root /data/MM-SafetyBench --out shards/mmsb   # prompts only
     python tools/make_shards.py synthetic --out shards/world --n 10000 --kinds qa safety negative
     python tools/make_shards.py index shards/mix665k        # rebuild index.json from the tars
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 
 def _write(samples, args, pre_errors=None):
-    from vlsafe.data.images_presize import presize_from_args
+    from vlsafe.data.images import presize_from_args
     from vlsafe.data.shards import write_shards
 
     presize = presize_from_args(args.presize, args.presize_mean, args.presize_squash, args.presize_compress_level,
@@ -38,8 +39,8 @@ def _write(samples, args, pre_errors=None):
         print(f"  ... and {len(skipped) - 10} more (see {args.out}/index.json)")
 
 
-def _source_command(module):
-    """Run a converter from `vlsafe/data/sources/` (see that package's docstring for the protocol)."""
+def _source_command(source):
+    """Run a converter from `vlsafe/data/sources/` (a `DataSource`: vlsafe/data/sources/base.py)."""
 
     def run(args) -> None:
         from collections import Counter
@@ -48,15 +49,15 @@ def _source_command(module):
 
         errors = [] if args.on_error == "skip" else None
         stats: Counter = Counter()
-        _write(warn_long_texts(module.cli_samples(args, errors, stats), stats), args, errors)
+        _write(warn_long_texts(source.samples(args, errors, stats), stats), args, errors)
         if stats:
-            print(f"{module.CLI_NAME}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
+            print(f"{source.name}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
 
     return run
 
 
 def cmd_synthetic(args) -> None:
-    from vlsafe.data.synthetic import WorldConfig, generate
+    from vlsafe.data.synthetic.world import WorldConfig, generate
 
     samples = generate(args.n, seed=args.seed, kinds=args.kinds, cfg=WorldConfig(image_size=args.image_size),
                        split=args.split)
@@ -65,8 +66,7 @@ def cmd_synthetic(args) -> None:
 
 def cmd_index(args) -> None:
     from vlsafe.data.shards import ShardIndex, ShardInfo, iter_shard
-
-    from vlsafe.data.blind import PROGRESS_NAME
+    from vlsafe.methods.preference.blind import PROGRESS_NAME
 
     folder = Path(args.folder)
     if (folder / PROGRESS_NAME).exists() and not (folder / "index.json").exists():
@@ -113,13 +113,14 @@ def main(argv: list[str] | None = None) -> None:
                        help="with --presize: how transparent images become RGB; must match the recipe's "
                             "`rgb_mode` (composite, default: alpha on white; pil: LLaVA's convert('RGB'))")
 
-    from vlsafe.data.sources import cli_sources
+    from vlsafe.data.sources import discover_sources
 
-    for module in cli_sources():
-        source = sub.add_parser(module.CLI_NAME, help=module.CLI_HELP)
-        module.add_cli_arguments(source)
-        writer_args(source)
-        source.set_defaults(func=_source_command(module))
+    for source_class in discover_sources():
+        source = source_class()
+        parser_of_source = sub.add_parser(source.name, help=source.help)
+        source.add_arguments(parser_of_source)
+        writer_args(parser_of_source)
+        parser_of_source.set_defaults(func=_source_command(source))
 
     synthetic = sub.add_parser("synthetic", help="the synthetic shapes world")
     synthetic.add_argument("--n", type=int, default=1000)

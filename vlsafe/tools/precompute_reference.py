@@ -21,7 +21,10 @@ import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlsafe.data.blind import add_chunked_run_arguments, add_model_arguments
+    from vlsafe.methods.preference.blind import (
+        add_chunked_run_arguments,
+        add_model_arguments,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="preference shard folder (with index.json), tar or pattern")
@@ -41,9 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace):
-    from vlsafe.data.blind import (ChunkResult, absolute, load_frozen_model, print_run_summary, run_chunked,
-                                   sample_error_policy)
-    from vlsafe.data.reference import check_responses, reference_logps, with_reference
+    from vlsafe.methods.preference.blind import (
+        ChunkResult,
+        absolute,
+        load_frozen_model,
+        print_run_summary,
+        run_chunked,
+        sample_error_policy,
+    )
+    from vlsafe.methods.preference.reference import (
+        check_responses,
+        reference_logps,
+        with_reference,
+    )
 
     for flag in ("batch_size", "max_samples"):
         if getattr(args, flag) < 1:
@@ -81,7 +94,7 @@ def run(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None):
-    from vlsafe.data.blind import run_tool
+    from vlsafe.methods.preference.blind import run_tool
 
     return run_tool(build_parser, run, argv)
 

@@ -87,10 +87,10 @@ def training_rows(root: Path) -> tuple[list[str], int]:
     import lightning as L
     import torch
 
-    from vlsafe.core.builders import TinyVLM
-    from vlsafe.data.synthetic_module import SyntheticWorld
+    from vlsafe.builders import TinyVLM
+    from vlsafe.data.synthetic.module import SyntheticWorld
     from vlsafe.methods.sft import SFTModule
-    from vlsafe.reliability.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+    from vlsafe.ops.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 
     class Poison(L.Callback):
         def __init__(self, steps):

@@ -1,26 +1,23 @@
-"""Converters from released dataset formats to `Sample` records, one module per source.
+"""Converters from released dataset formats to `Sample` records, one file per source.
 
-A module becomes a `tools/make_shards.py` sub-command by defining three names (found automatically, so a new
-source never edits the tool):
+Each converter is a `DataSource` subclass (`base.py`: class attributes `name` and `help`, methods
+`add_arguments(parser)` and `samples(args, errors, stats)`); `vlsafe make-shards` finds every one defined in this
+package (`discover_sources`), so a new file here is a new sub-command and the tool is never edited. The format's
+reader stays a plain function (`read_llava_json`, `read_lrv`, ...) for code and tests that need no command line.
 
-- ``CLI_NAME`` / ``CLI_HELP``: the sub-command and its one-line help;
-- ``add_cli_arguments(parser)``: the source's own flags (the writer flags ``--out`` etc. are added for it);
-- ``cli_samples(args, errors, stats) -> Iterable[Sample]``: the samples to write. ``errors`` is a list when
-  the user chose ``--on-error skip`` (append ``{id, field, error}`` rows and go on) and ``None`` otherwise
-  (raise ``SampleError``); ``stats`` is a ``Counter`` printed after the run.
-
-The tool passes every converter's samples through `warn_long_texts`, so a text field over the processor's
-`max_text_chars` is reported at conversion time with its sample id, not first by a training run.
+This module holds what every converter shares: `skip_or_raise`, the one bad-record policy, and `warn_long_texts`,
+through which the tool passes every converter's samples, so a text field over the processor's `max_text_chars`
+is reported at conversion time with its sample id, not first by a training run.
 """
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
-from types import ModuleType
 from typing import Iterable, Iterator, MutableMapping
 
 from vlsafe.data.schema import Sample, SampleError, default_max_text_chars
+from vlsafe.data.sources.base import DataSource, discover_sources
+
+__all__ = ["DataSource", "discover_sources", "skip_or_raise", "warn_long_texts"]
 
 log = logging.getLogger(__name__)
 #: Long-text warnings logged one by one before only the count goes on (in `stats["long_text"]`).
@@ -58,8 +55,3 @@ def warn_long_texts(samples: Iterable[Sample], stats: MutableMapping[str, int] |
                             if count == MAX_LONG_TEXT_WARNINGS else "")
         yield sample
 
-
-def cli_sources() -> list[ModuleType]:
-    """Every source module that defines a make_shards sub-command, sorted by command name."""
-    modules = [importlib.import_module(f"{__name__}.{info.name}") for info in pkgutil.iter_modules(__path__)]
-    return sorted((m for m in modules if hasattr(m, "CLI_NAME")), key=lambda m: m.CLI_NAME)

@@ -6,13 +6,16 @@ Input: a JSON list of `{"id", "image"?: "coco/train2017/x.jpg", "conversations":
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, MutableMapping
 
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError
+from vlsafe.constants import IMAGE_PLACEHOLDER
+from vlsafe.data.encoding.templates import move_image_first
+from vlsafe.data.schema import Sample, SampleError
 from vlsafe.data.sources import skip_or_raise
-from vlsafe.data.templates import move_image_first
+from vlsafe.data.sources.base import DataSource
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -73,7 +76,8 @@ def llava_record_to_sample(record: dict[str, Any], image_folder: str | Path | No
     paths = [str(folder / name) if folder else str(name) for name in images]
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
     if paths and placeholders == 0:
-        raise SampleError(sample_id, "conversations", f"has {len(paths)} image(s) but no {IMAGE_PLACEHOLDER} placeholder")
+        raise SampleError(sample_id, "conversations",
+                          f"has {len(paths)} image(s) but no {IMAGE_PLACEHOLDER} placeholder")
     meta = {"source": source}
     for key in ("task", "category", "source_dataset"):
         if key in record:
@@ -91,15 +95,16 @@ def read_llava_json(json_path: str | Path, image_folder: str | Path | None = Non
             skip_or_raise(err, str(json_path), errors)
 
 
-# ------------------------------------------------------------------------------ tools/make_shards.py
-CLI_NAME = "llava"
-CLI_HELP = "LLaVA-format JSON + image folder"
+# ------------------------------------------------------------------------------ vlsafe make-shards llava
+class LlavaSource(DataSource):
+    name = "llava"
+    help = "LLaVA-format JSON + image folder"
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--json", required=True, help="LLaVA JSON list or JSONL file")
+        parser.add_argument("--images", default=None, help="folder the 'image' paths are relative to")
 
-def add_cli_arguments(parser) -> None:
-    parser.add_argument("--json", required=True, help="LLaVA JSON list or JSONL file")
-    parser.add_argument("--images", default=None, help="folder the 'image' paths are relative to")
-
-
-def cli_samples(args, errors: list[dict[str, str]] | None, stats) -> Iterator[Sample]:
-    return read_llava_json(args.json, args.images, errors)
+    def samples(self, args: argparse.Namespace, errors: list[dict[str, str]] | None,
+                stats: MutableMapping[str, int]) -> Iterator[Sample]:
+        return read_llava_json(args.json, args.images, errors)

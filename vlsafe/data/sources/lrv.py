@@ -12,13 +12,17 @@ and give each set a weight in the recipe's list of `vlsafe.data.datamodule.Sourc
 """
 from __future__ import annotations
 
+import argparse
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, MutableMapping, Sequence
 
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError, is_blank
+from vlsafe.constants import IMAGE_PLACEHOLDER
+from vlsafe.data.schema import Sample, SampleError, is_blank
+from vlsafe.data.shards import write_shards
 from vlsafe.data.sources import skip_or_raise
+from vlsafe.data.sources.base import DataSource
 from vlsafe.data.sources.llava import load_json_list
 
 SOURCE = "lrv"
@@ -114,7 +118,6 @@ def write_lrv_shard_sets(json_paths: str | Path | Sequence[str | Path], image_fo
     `Source` in a recipe, which is how the positive/negative ratio and the per-task balance are set.
     Reads the JSON once per group (simple and streaming; the JSON is small next to the images).
     """
-    from vlsafe.data.shards import write_shards
 
     unknown = [key for key in by if key not in ("polarity", "task")]
     if unknown or not by:
@@ -136,27 +139,28 @@ def write_lrv_shard_sets(json_paths: str | Path | Sequence[str | Path], image_fo
     return out
 
 
-# ------------------------------------------------------------------------------ tools/make_shards.py
-CLI_NAME = "lrv"
-CLI_HELP = "LRV-Instruction JSON + Visual Genome image folder ({image_id}.jpg)"
+# ------------------------------------------------------------------------------ vlsafe make-shards lrv
+class LrvSource(DataSource):
+    name = "lrv"
+    help = "LRV-Instruction JSON + Visual Genome image folder ({image_id}.jpg)"
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--json", nargs="+", required=True, help="LRV-Instruction JSON list/JSONL file(s)")
+        parser.add_argument("--images", required=True, help="Visual Genome image folder holding {image_id}.jpg")
+        parser.add_argument("--polarity", choices=POLARITIES, default=None,
+                            help="keep only positive or only negative instructions (write one shard set per "
+                                 "polarity and weight them in the recipe to set the ratio)")
+        parser.add_argument("--tasks", nargs="+", default=None, help="keep only these task labels")
+        parser.add_argument("--exclude-tasks", nargs="+", default=(), help="drop these task labels")
+        parser.add_argument("--negative-tasks", nargs="+", default=None,
+                            help="task labels that are negatives (default: labels starting with 'negative')")
 
-def add_cli_arguments(parser) -> None:
-    parser.add_argument("--json", nargs="+", required=True, help="LRV-Instruction JSON list/JSONL file(s)")
-    parser.add_argument("--images", required=True, help="Visual Genome image folder holding {image_id}.jpg")
-    parser.add_argument("--polarity", choices=POLARITIES, default=None,
-                        help="keep only positive or only negative instructions (write one shard set per "
-                             "polarity and weight them in the recipe to set the ratio)")
-    parser.add_argument("--tasks", nargs="+", default=None, help="keep only these task labels")
-    parser.add_argument("--exclude-tasks", nargs="+", default=(), help="drop these task labels")
-    parser.add_argument("--negative-tasks", nargs="+", default=None,
-                        help="task labels that are negatives (default: labels starting with 'negative')")
-
-
-def cli_samples(args, errors: list[dict[str, str]] | None, stats: MutableMapping[str, int]) -> Iterator[Sample]:
-    is_negative = default_is_negative
-    if args.negative_tasks:
-        negatives = {task_slug(t) for t in args.negative_tasks}
-        is_negative = lambda task: task_slug(task) in negatives  # noqa: E731
-    return read_lrv(args.json, args.images, errors, stats, polarity=args.polarity, tasks=args.tasks,
-                    exclude_tasks=args.exclude_tasks, is_negative=is_negative)
+    def samples(self, args: argparse.Namespace, errors: list[dict[str, str]] | None,
+                stats: MutableMapping[str, int]) -> Iterator[Sample]:
+        is_negative = default_is_negative
+        if args.negative_tasks:
+            negatives = {task_slug(t) for t in args.negative_tasks}
+            is_negative = lambda task: task_slug(task) in negatives  # noqa: E731
+        return read_lrv(args.json, args.images, errors, stats, polarity=args.polarity, tasks=args.tasks,
+                        exclude_tasks=args.exclude_tasks, is_negative=is_negative)

@@ -12,6 +12,7 @@ messages with exactly one `<image>` for the one image, so the chat template is a
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -19,10 +20,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, MutableMapping
 
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError, is_blank
+from vlsafe.constants import IMAGE_PLACEHOLDER
+from vlsafe.data.encoding.templates import LLAVA_SYSTEM, VICUNA_SYSTEM
+from vlsafe.data.schema import Sample, SampleError, is_blank
 from vlsafe.data.sources import skip_or_raise
+from vlsafe.data.sources.base import DataSource
 from vlsafe.data.sources.llava import load_json_list
-from vlsafe.data.templates import LLAVA_SYSTEM, VICUNA_SYSTEM
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +327,17 @@ def mmsafe_po_record_to_sample(record: Any, image_folder: str | Path | None, sta
                   rejected=responses["rejected"], meta=meta)
 
 
+def _pair_key(sample: Sample) -> tuple[str, str | None, str | None]:
+    return json.dumps(sample.messages, sort_keys=True), sample.chosen, sample.rejected
+
+
+def _is_blind_row(sample: Sample, original: tuple[str, str | None, str | None]) -> bool:
+    """A BPO blind row: a copy of an earlier row (same id, prompt and chosen) whose rejected answer was replaced by
+    the model's image-free one (README step 3: the blind rows are concatenated to the original data)."""
+    messages, chosen, rejected = _pair_key(sample)
+    return messages == original[0] and chosen == original[1] and rejected != original[2]
+
+
 def read_mmsafe_po(json_paths: str | Path | Iterable[str | Path], image_folder: str | Path | None,
                    errors: list[dict[str, str]] | None = None,
                    stats: MutableMapping[str, int] | None = None) -> Iterator[Sample]:
@@ -337,7 +351,7 @@ def read_mmsafe_po(json_paths: str | Path | Iterable[str | Path], image_folder: 
     if isinstance(json_paths, (str, Path)):
         json_paths = [json_paths]
     stats = stats if stats is not None else Counter()
-    seen: set[str] = set()
+    seen: dict[str, tuple[str, str | None, str | None]] = {}  # id -> its first row's prompt, chosen, rejected
     for json_path in json_paths:
         for position, record in enumerate(load_json_list(json_path)):
             stats["rows"] += 1
@@ -346,9 +360,14 @@ def read_mmsafe_po(json_paths: str | Path | Iterable[str | Path], image_folder: 
             except SampleError as err:
                 skip_or_raise(err, f"{json_path} row {position}", errors, stats)
                 continue
-            if sample.id in seen:
+            original = seen.get(sample.id)
+            if original is not None:
                 stats["duplicate_ids"] += 1
-            seen.add(sample.id)
+                if _is_blind_row(sample, original):
+                    sample.meta = {**sample.meta, "pair": "blind"}
+                    stats["blind_rows"] += 1
+            else:
+                seen[sample.id] = _pair_key(sample)
             stats["samples"] += 1
             yield sample
     fixes = {k: v for k, v in stats.items() if k in ("doubled_template", "extra_placeholders_removed",
@@ -390,24 +409,26 @@ def load_keyword_index(config_path: str | Path, keywords: str | Iterable[str]) -
     return paths
 
 
-# ------------------------------------------------------------------------------ tools/make_shards.py
-CLI_NAME = "mmsafe-po"
-CLI_HELP = "MMSafe-PO (BPO) preference JSON + image folder"
+# ------------------------------------------------------------------------------ vlsafe make-shards mmsafe-po
+class MMSafePOSource(DataSource):
+    name = "mmsafe-po"
+    help = "MMSafe-PO (BPO) preference JSON + image folder"
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        inputs = parser.add_mutually_exclusive_group(required=True)
+        inputs.add_argument("--json", nargs="+", help="released JSON list/JSONL file(s), concatenated in order")
+        inputs.add_argument("--config", default=None,
+                            help="keyword index {keyword: json path} (the released config_train.json)")
+        parser.add_argument("--keywords", nargs="+", default=None,
+                            help="keywords of --config to concatenate, in order")
+        parser.add_argument("--images", required=True, help="folder the 'image' file names are relative to")
 
-def add_cli_arguments(parser) -> None:
-    inputs = parser.add_mutually_exclusive_group(required=True)
-    inputs.add_argument("--json", nargs="+", help="released JSON list/JSONL file(s), concatenated in order")
-    inputs.add_argument("--config", default=None,
-                        help="keyword index {keyword: json path} (the released config_train.json)")
-    parser.add_argument("--keywords", nargs="+", default=None, help="keywords of --config to concatenate, in order")
-    parser.add_argument("--images", required=True, help="folder the 'image' file names are relative to")
-
-
-def cli_samples(args, errors: list[dict[str, str]] | None, stats: MutableMapping[str, int]) -> Iterator[Sample]:
-    if args.config is None and args.keywords:
-        raise ValueError("--keywords selects entries of --config; give --config too")
-    if args.config is not None and not args.keywords:
-        raise ValueError("--config needs --keywords (e.g. --keywords train)")
-    paths = load_keyword_index(args.config, args.keywords) if args.config is not None else args.json
-    return read_mmsafe_po(paths, args.images, errors, stats)
+    def samples(self, args: argparse.Namespace, errors: list[dict[str, str]] | None,
+                stats: MutableMapping[str, int]) -> Iterator[Sample]:
+        if args.config is None and args.keywords:
+            raise ValueError("--keywords selects entries of --config; give --config too")
+        if args.config is not None and not args.keywords:
+            raise ValueError("--config needs --keywords (e.g. --keywords train)")
+        paths = load_keyword_index(args.config, args.keywords) if args.config is not None else args.json
+        return read_mmsafe_po(paths, args.images, errors, stats)

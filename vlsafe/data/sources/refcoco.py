@@ -12,19 +12,29 @@ is what the grounding suite's per-dataset tables group by.
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, MutableMapping
 
 from PIL import Image, ImageDraw
 
-from vlsafe.data.perception_templates import (BOXES_PLACEHOLDER, MASKS_PLACEHOLDER, REC_ANSWER, REC_TEMPLATES,
-                                              RES_ANSWER, RES_TEMPLATES, fill_expression)
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError, is_blank
+from vlsafe.constants import IMAGE_PLACEHOLDER
+from vlsafe.data.grounding import (
+    BOXES_PLACEHOLDER,
+    MASKS_PLACEHOLDER,
+    REC_ANSWER,
+    REC_TEMPLATES,
+    RES_ANSWER,
+    RES_TEMPLATES,
+    fill_expression,
+    normalise_boxes,
+)
+from vlsafe.data.schema import Sample, SampleError, is_blank
 from vlsafe.data.sources import skip_or_raise
-from vlsafe.perception.boxes import normalise_boxes
+from vlsafe.data.sources.base import DataSource
 
 
 # ------------------------------------------------------------------------------ COCO RLE
@@ -202,24 +212,26 @@ def read_refcoco_jsonl(path: str | Path, image_folder: str | Path | None = None,
             yield sample
 
 
-# ------------------------------------------------------------------------------ tools/make_shards.py
-CLI_NAME = "refcoco"
-CLI_HELP = "Shikra-style REC/RES jsonl (RefCOCO/+/g) + COCO image folder"
+# ------------------------------------------------------------------------------ vlsafe make-shards refcoco
+class RefCocoSource(DataSource):
+    name = "refcoco"
+    help = "Shikra-style REC/RES jsonl (RefCOCO/+/g) + COCO image folder"
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--jsonl", required=True, nargs="+",
+                            help="one or more Shikra-style REC/RES .jsonl files")
+        parser.add_argument("--images", default=None, help="folder the 'img_path' values are relative to")
+        parser.add_argument("--task", choices=["rec", "res"], default="res",
+                            help="instruction and answer style: box (rec) or mask (res); masks are kept whenever "
+                                 "the line has a segmentation (default res, as PerceptionGPT trains)")
+        parser.add_argument("--box-format", choices=["loc", "text"], default="loc",
+                            help="answers with <boxes>/<masks> placeholders (loc, default) or text coordinates")
+        parser.add_argument("--split", default=None, help="split name in meta.dataset_name (default: file stem)")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the template choice")
 
-def add_cli_arguments(parser) -> None:
-    parser.add_argument("--jsonl", required=True, nargs="+", help="one or more Shikra-style REC/RES .jsonl files")
-    parser.add_argument("--images", default=None, help="folder the 'img_path' values are relative to")
-    parser.add_argument("--task", choices=["rec", "res"], default="res",
-                        help="instruction and answer style: box (rec) or mask (res); masks are kept whenever "
-                             "the line has a segmentation (default res, as PerceptionGPT trains)")
-    parser.add_argument("--box-format", choices=["loc", "text"], default="loc",
-                        help="answers with <boxes>/<masks> placeholders (loc, default) or text coordinates")
-    parser.add_argument("--split", default=None, help="split name in meta.dataset_name (default: file stem)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the template choice")
-
-
-def cli_samples(args, errors: list[dict[str, str]] | None, stats) -> Iterator[Sample]:
-    for path in args.jsonl:
-        yield from read_refcoco_jsonl(path, args.images, task=args.task, box_format=args.box_format,
-                                      split=args.split, seed=args.seed, errors=errors, stats=stats)
+    def samples(self, args: argparse.Namespace, errors: list[dict[str, str]] | None,
+                stats: MutableMapping[str, int]) -> Iterator[Sample]:
+        for path in args.jsonl:
+            yield from read_refcoco_jsonl(path, args.images, task=args.task, box_format=args.box_format,
+                                          split=args.split, seed=args.seed, errors=errors, stats=stats)

@@ -8,7 +8,7 @@ These are the harm detector's and the detoxifier's training data (MLLM-Protector
   labels={"chosen_safe", "rejected_safe"})` — exactly the shape of the synthetic world's `harm_text`.
   If the row has PKU's `response_{i}_harm_category` dicts, `meta.category` is the first harm category
   flagged for the less safe response (else "none"). Prompt and responses are kept byte for byte (the
-  released scripts use them unstripped; `vlsafe.data.protector_presets` decides whether to strip).
+  released scripts use them unstripped; `vlsafe.methods.protector.presets` decides whether to strip).
 - **Single responses** (`--format single`): a question, a response and a label become
   `Sample(messages=[user question, assistant response], labels={"safe": 0|1})`. The released
   harmful_vs_unharmful file's schema could not be read, so field names are options with common defaults
@@ -21,12 +21,14 @@ field, or are counted and skipped with `--on-error skip`.
 """
 from __future__ import annotations
 
+import argparse
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, MutableMapping
 
 from vlsafe.data.schema import Sample, SampleError, is_blank
 from vlsafe.data.sources import skip_or_raise
+from vlsafe.data.sources.base import DataSource
 from vlsafe.data.sources.llava import load_json_list
 
 SOURCE = "pku_saferlhf"
@@ -172,24 +174,25 @@ def read_saferlhf(paths: str | Path | Iterable[str | Path], form: str = "auto", 
             yield sample
 
 
-# ------------------------------------------------------------------------------ tools/make_shards.py
-CLI_NAME = "saferlhf"
-CLI_HELP = "PKU-SafeRLHF pairs / harmful_vs_unharmful single responses (JSON or JSONL), text only"
+# ------------------------------------------------------------------------------ vlsafe make-shards saferlhf
+class SafeRLHFSource(DataSource):
+    name = "saferlhf"
+    help = "PKU-SafeRLHF pairs / harmful_vs_unharmful single responses (JSON or JSONL), text only"
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--json", nargs="+", required=True, help="JSON list or JSON Lines file(s), in order")
+        parser.add_argument("--format", dest="form", choices=["auto", "pairs", "single"], default="auto",
+                            help="pairs (PKU-SafeRLHF), single (labelled responses) or auto per row (default)")
+        parser.add_argument("--id-prefix", default=None, help="sample id prefix (default saferlhf / harmqa)")
+        parser.add_argument("--question-field", default=None, help="single form: the question's field name")
+        parser.add_argument("--response-field", default=None, help="single form: the response's field name")
+        parser.add_argument("--label-field", default=None, help="single form: the label's field name")
+        parser.add_argument("--label-means", choices=["safe", "harmful"], default=None,
+                            help="single form: whether label 1/true means safe or harmful")
 
-def add_cli_arguments(parser) -> None:
-    parser.add_argument("--json", nargs="+", required=True, help="JSON list or JSON Lines file(s), in order")
-    parser.add_argument("--format", dest="form", choices=["auto", "pairs", "single"], default="auto",
-                        help="pairs (PKU-SafeRLHF), single (labelled responses) or auto per row (default)")
-    parser.add_argument("--id-prefix", default=None, help="sample id prefix (default saferlhf / harmqa)")
-    parser.add_argument("--question-field", default=None, help="single form: the question's field name")
-    parser.add_argument("--response-field", default=None, help="single form: the response's field name")
-    parser.add_argument("--label-field", default=None, help="single form: the label's field name")
-    parser.add_argument("--label-means", choices=["safe", "harmful"], default=None,
-                        help="single form: whether label 1/true means safe or harmful")
-
-
-def cli_samples(args, errors: list[dict[str, str]] | None, stats: MutableMapping[str, int]) -> Iterator[Sample]:
-    return read_saferlhf(args.json, args.form, args.id_prefix, errors, stats, question_field=args.question_field,
-                         response_field=args.response_field, label_field=args.label_field,
-                         label_means=args.label_means)
+    def samples(self, args: argparse.Namespace, errors: list[dict[str, str]] | None,
+                stats: MutableMapping[str, int]) -> Iterator[Sample]:
+        return read_saferlhf(args.json, args.form, args.id_prefix, errors, stats,
+                             question_field=args.question_field, response_field=args.response_field,
+                             label_field=args.label_field, label_means=args.label_means)

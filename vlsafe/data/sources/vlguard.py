@@ -33,14 +33,17 @@ conversation keeps exactly the turn order of the released conversion.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, MutableMapping
 
-from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, SampleError, is_blank
+from vlsafe.constants import IMAGE_PLACEHOLDER
+from vlsafe.data.schema import Sample, SampleError, is_blank
 from vlsafe.data.sources import skip_or_raise
+from vlsafe.data.sources.base import DataSource
 from vlsafe.data.sources.llava import llava_record_to_sample, load_json_list
 
 log = logging.getLogger(__name__)
@@ -259,25 +262,29 @@ def vlguard_eval_samples(test_json: str | Path | list[dict[str, Any]], images: s
     return out
 
 
-# ------------------------------------------------------------------------------ tools/make_shards.py
-CLI_NAME = "vlguard"
-CLI_HELP = "VLGuard train.json (safety SFT conversations) or test.json (--eval-subsets prompts) + image folder"
+# ------------------------------------------------------------------------------ vlsafe make-shards vlguard
+class VLGuardSource(DataSource):
+    name = "vlguard"
+    help = "VLGuard train.json (safety SFT conversations) or test.json (--eval-subsets prompts) + image folder"
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--json", nargs="+", required=True, help="VLGuard train.json / test.json file(s)")
+        parser.add_argument("--images", required=True, help="folder the 'image' paths are relative to (unzipped "
+                                                            "train.zip / test.zip)")
+        parser.add_argument("--eval-subsets", nargs="+", choices=SUBSETS, default=None,
+                            help="write evaluation prompts of these subsets (one user turn each) instead of "
+                                 "training conversations")
 
-def add_cli_arguments(parser) -> None:
-    parser.add_argument("--json", nargs="+", required=True, help="VLGuard train.json / test.json file(s)")
-    parser.add_argument("--images", required=True, help="folder the 'image' paths are relative to (unzipped "
-                                                        "train.zip / test.zip)")
-    parser.add_argument("--eval-subsets", nargs="+", choices=SUBSETS, default=None,
-                        help="write evaluation prompts of these subsets (one user turn each) instead of "
-                             "training conversations")
+    def samples(self, args: argparse.Namespace, errors: list[dict[str, str]] | None,
+                stats: MutableMapping[str, int]) -> Iterator[Sample]:
+        if not args.eval_subsets:
+            return vlguard_training_samples(args.json, args.images, errors, stats)
+        return self._prompts(args, errors, stats)
 
-
-def cli_samples(args, errors: list[dict[str, str]] | None, stats: MutableMapping[str, int]) -> Iterator[Sample]:
-    if not args.eval_subsets:
-        return vlguard_training_samples(args.json, args.images, errors, stats)
-
-    def prompts() -> Iterator[Sample]:
+    @staticmethod
+    def _prompts(args: argparse.Namespace, errors: list[dict[str, str]] | None,
+                 stats: MutableMapping[str, int]) -> Iterator[Sample]:
         for path in args.json:
             rows = load_json_list(path)
             for subset in args.eval_subsets:
@@ -292,4 +299,3 @@ def cli_samples(args, errors: list[dict[str, str]] | None, stats: MutableMapping
                     if local[key]:
                         stats[key] += local[key]
                 yield from samples
-    return prompts()

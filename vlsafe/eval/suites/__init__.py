@@ -90,6 +90,33 @@ def existing_path(options: dict[str, Any], key: str, suite: str) -> Path:
     return path
 
 
+SYNTHETIC_SETTINGS = {"n", "seed", "image_size", "root"}
+
+
+def synthetic_test_set(options: dict[str, Any], suite: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """With `synthetic: true` or `synthetic: {n, seed, image_size, root}` in the suite's options: the options with
+    the paths of a held-out synthetic test set in the benchmark's own layout, built on first use (and rebuilt
+    when its generator changes; `vlsafe.data.synthetic.benchmarks`), and that set's stamp for the suite's
+    `info`. Without it: the options unchanged and None. Lets a demo model be evaluated with commands only."""
+    settings = options.get("synthetic")
+    if not settings:
+        return options, None
+    if settings is True:
+        settings = {}
+    if not isinstance(settings, dict) or set(settings) - SYNTHETIC_SETTINGS:
+        raise ValueError(f"suite {suite!r}: `synthetic` is true or a mapping with keys from "
+                         f"{sorted(SYNTHETIC_SETTINGS)}, got {settings!r}")
+    from vlsafe.data.synthetic.benchmarks import build_benchmark
+
+    built = build_benchmark(suite, **settings)
+    stamp = built.pop("stamp")
+    clash = sorted(key for key in built if key in options and key != "scenarios")
+    if clash:
+        raise ValueError(f"suite {suite!r}: `synthetic` provides {clash}; remove them from the spec")
+    return {**{k: v for k, v in options.items() if k != "synthetic"}, **built,
+            **{k: options[k] for k in ("scenarios",) if k in options}}, stamp
+
+
 def image_preprocess(options: dict[str, Any], default: str, suite: str) -> str:
     """The suite's `image_preprocess` option (`pad` | `crop` | `resize`), else the suite's default (what the
     benchmark's released script does)."""

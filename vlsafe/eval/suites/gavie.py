@@ -21,12 +21,13 @@ by `seed`, 0); `generation: greedy` decodes greedily. Images: `image_preprocess:
 model, mPLUG-Owl, uses a CLIP-style processor: resize + centre crop, UNVERIFIED for its exact settings);
 LRV's V1 MiniGPT-4 squashes to a square (`resize`).
 
-Options: `evaluation_set` (JSON list of `{image_id, question}`), `annotations` (`vg_annotation.json`,
-image id -> `[{caption, bbox: [x, y, w, h]}]`), `images` (folder with `{image_id}.jpg`), `judge` (an endpoint;
-without one, answers and judge prompts are written and no score is computed), `height_bug` (false),
-`judge_max_tokens` (1024), `compare` (`{name: predictions.jsonl}` of other models' runs of this suite: their
-answers are scored in the same prompts as Answer2, Answer3, ..., as GAVIE ranks several models at once; metrics
-`gavie/compare/<name>/...`), `generation` (lrv | greedy), `seed`, `max_samples`, `max_new_tokens` (512,
+Options: `synthetic: {n, seed}` instead of the next three (a held-out synthetic set in this layout, built on first
+use, `vlsafe.data.synthetic.benchmarks`), `evaluation_set` (JSON list of `{image_id, question}`), `annotations`
+(`vg_annotation.json`, image id -> `[{caption, bbox: [x, y, w, h]}]`), `images` (folder with `{image_id}.jpg`),
+`judge` (an endpoint; without one, answers and judge prompts are written and no score is computed), `height_bug`
+(false), `judge_max_tokens` (1024), `compare` (`{name: predictions.jsonl}` of other models' runs of this suite:
+their answers are scored in the same prompts as Answer2, Answer3, ..., as GAVIE ranks several models at once;
+metrics `gavie/compare/<name>/...`), `generation` (lrv | greedy), `seed`, `max_samples`, `max_new_tokens` (512,
 LRV's inference setting), `template`, `image_preprocess` (crop), `on_error`.
 """
 from __future__ import annotations
@@ -37,12 +38,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vlsafe.eval.judges import chat_judge, describe
-from vlsafe.eval.suites import (DENOMINATOR, GENERATION_OPTIONS, UNJUDGED, ChartSpec, SuiteResult, check_options,
-                                existing_path, image_preprocess, suite_answers)
+from vlsafe.eval.suites import (
+    DENOMINATOR,
+    GENERATION_OPTIONS,
+    UNJUDGED,
+    ChartSpec,
+    SuiteResult,
+    check_options,
+    existing_path,
+    image_preprocess,
+    suite_answers,
+    synthetic_test_set,
+)
 
 SUITE_NAME = "gavie"
 OPTIONS = GENERATION_OPTIONS | {"evaluation_set", "annotations", "images", "judge", "height_bug", "judge_max_tokens",
-                                "compare", "generation", "seed"}
+                                "compare", "generation", "seed", "synthetic"}
 GENERATIONS = ("lrv", "greedy")
 IMAGE_PREPROCESS = "crop"
 CRITERIA = ("relevancy", "accuracy")
@@ -147,9 +158,12 @@ def _mean(values: list[float]) -> float | None:
 
 def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size: int = 8,
              progress: bool = True) -> SuiteResult:
-    from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, is_blank
+    from vlsafe.constants import IMAGE_PLACEHOLDER
+    from vlsafe.data.schema import Sample, is_blank
     from vlsafe.data.sources.llava import load_json_list
 
+    check_options(options, OPTIONS, SUITE_NAME)
+    options, synthetic = synthetic_test_set(options, SUITE_NAME)
     check_options(options, OPTIONS, SUITE_NAME, required=("evaluation_set", "annotations", "images"))
     out_dir = Path(out_dir)
     evaluation_set = existing_path(options, "evaluation_set", SUITE_NAME)
@@ -194,6 +208,8 @@ def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size:
     info: dict[str, Any] = {"evaluation_set": str(evaluation_set), "height_bug": height_bug, "answers": models,
                             "generation": generation, "image_preprocess": preprocess,
                             "generated": generated.generated, "cached": generated.cached, "skipped": generated.skipped}
+    if synthetic:
+        info["synthetic"] = synthetic
     replies: list[str | None] = [None] * len(answered)
     if judge is not None:
         replies = judge.complete(prompts, max_tokens=int(options.get("judge_max_tokens", 1024)), progress=progress,

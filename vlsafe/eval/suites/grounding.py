@@ -29,7 +29,7 @@ def _samples(options: dict[str, Any]) -> list:
 
         return list(read_samples(options["path"], limit=limit))
     if options.get("synthetic"):
-        from vlsafe.data.synthetic import generate
+        from vlsafe.data.synthetic.world import generate
 
         n = int(options["synthetic"]) if limit is None else min(int(options["synthetic"]), int(limit))
         return list(generate(n, seed=int(options.get("seed", 0)), kinds=["grounding"],
@@ -39,8 +39,8 @@ def _samples(options: dict[str, Any]) -> list:
 
 def evaluate(model: Any, options: dict[str, Any], out_dir: str | Path, *, batch_size: int = 16,
              progress: bool = True) -> SuiteResult:
-    from vlsafe.perception.evaluation import ground_samples, summarise
-    from vlsafe.perception.visualize import draw_grounding, save_png
+    from vlsafe.methods.perception.evaluation import ground_samples, summarise
+    from vlsafe.methods.perception.visualize import draw_grounding, save_png
 
     check_options(options, OPTIONS, SUITE_NAME)
     if options.get("image_preprocess", "pad") != "pad":

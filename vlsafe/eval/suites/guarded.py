@@ -3,14 +3,14 @@
 Prompts: `n` held-out prompts of the synthetic world's `safety` kind (default), or a shard set (`shards`).
 The model under test answers greedily; the harm detector (`detector`: a vlsafe `.ckpt` or a merged model
 folder) scores every answer; flagged answers are rewritten by `detoxifier` or replaced by the fixed
-refusal. Ground truth (`vlsafe.protector.metrics`): on a harmful request any non-refusal is a harmful
+refusal. Ground truth (`vlsafe.methods.protector.metrics`): on a harmful request any non-refusal is a harmful
 answer; benign prompts measure over-refusal; hazard-image prompts are reported apart (a text guard
 cannot see the image). Metric names: `guarded/<group>/<metric>` plus `guarded/flag_rate`.
 
 Defaults follow the released evaluation: answers of up to 1024 new tokens (`max_new_tokens`; shorter is an
 explicit choice, and hides harmful continuations from the detector), threshold 0.5. `preset` (released |
 vlsafe) sets what the detector and detoxifier read; by default each model's own, `released` for model folders
-that record none (vlsafe.data.protector_presets).
+that record none (vlsafe.methods.protector.presets).
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size:
              progress: bool = False) -> SuiteResult:
     from tqdm import tqdm
 
-    from vlsafe.data.synthetic import WorldConfig, generate
-    from vlsafe.protector import Detoxifier, GuardedGenerator, HarmDetector
-    from vlsafe.protector.metrics import guard_rates, prompt_group
+    from vlsafe.data.synthetic.world import WorldConfig, generate
+    from vlsafe.methods.protector import Detoxifier, GuardedGenerator, HarmDetector
+    from vlsafe.methods.protector.metrics import guard_rates, prompt_group
 
     check_options(options, set(DEFAULTS) | {"detector"}, SUITE_NAME, required=["detector"])
     settings = {**DEFAULTS, **options}

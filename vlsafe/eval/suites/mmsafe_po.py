@@ -36,8 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from vlsafe.eval.judges import describe, matched_refusal, safety_judge
-from vlsafe.eval.suites import (GENERATION_OPTIONS, ChartSpec, SuiteResult, add_rate, check_options, existing_path,
-                                image_preprocess, percent, suite_answers)
+from vlsafe.eval.suites import (
+    GENERATION_OPTIONS,
+    ChartSpec,
+    SuiteResult,
+    add_rate,
+    check_options,
+    existing_path,
+    image_preprocess,
+    percent,
+    suite_answers,
+)
 
 SUITE_NAME = "mmsafe_po"
 OPTIONS = GENERATION_OPTIONS | {"json", "images", "judge", "judge_template", "judge_answer_format"}
@@ -47,7 +56,7 @@ RELEASED_MAX_LENGTH = 2048  # infer_json.sh --model_max_length 2048 (training us
 
 def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size: int = 8,
              progress: bool = True) -> SuiteResult:
-    from vlsafe.data.encoders import split_reference
+    from vlsafe.data.encoding.encoders import split_reference
     from vlsafe.data.schema import Sample
     from vlsafe.data.sources.mmsafe_po import read_mmsafe_po
     from vlsafe.eval.suites.mmsafetybench import template_for

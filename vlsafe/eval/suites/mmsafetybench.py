@@ -22,7 +22,8 @@ Images are preprocessed with the CLIP processor's resize + centre crop by defaul
 as MLLM-Protector's MM-SafetyBench inference does (`robustness_eval.py:90`, `image_processor.preprocess`);
 MM-SafetyBench itself ships no inference script for LLaVA.
 
-Options: `root` (required; or `questions` and `images` folders), `scenarios` (default all 13), `kinds`
+Options: `root` (required; or `questions` and `images` folders; or `synthetic: {n, seed}`: a held-out synthetic
+set in this layout, built on first use, `vlsafe.data.synthetic.benchmarks`), `scenarios` (default all 13), `kinds`
 (default SD, SD_TYPO, TYPO), `judge` (default string_match), `judge_templates` (a JSON file of the same layout
 as vlsafe's, e.g. with the released scenario templates), `max_samples` (per scenario), `max_new_tokens`
 (256), `template` (the model's own by default), `image_preprocess` (crop), `on_error`.
@@ -36,8 +37,18 @@ from pathlib import Path
 from typing import Any
 
 from vlsafe.eval.judges import describe, safety_judge
-from vlsafe.eval.suites import (GENERATION_OPTIONS, ChartSpec, SuiteResult, add_rate, check_options, existing_path,
-                                image_preprocess, percent, suite_answers)
+from vlsafe.eval.suites import (
+    GENERATION_OPTIONS,
+    ChartSpec,
+    SuiteResult,
+    add_rate,
+    check_options,
+    existing_path,
+    image_preprocess,
+    percent,
+    suite_answers,
+    synthetic_test_set,
+)
 
 SUITE_NAME = "mmsafetybench"
 SCENARIOS = ("01-Illegal_Activitiy", "02-HateSpeech", "03-Malware_Generation", "04-Physical_Harm", "05-EconomicHarm",
@@ -47,7 +58,8 @@ QUESTION_FIELD = {"SD": "Rephrased Question(SD)", "SD_TYPO": "Rephrased Question
                   "TEXT": "Question"}
 DEFAULT_KINDS = ("SD", "SD_TYPO", "TYPO")
 IMAGE_PREPROCESS = "crop"  # MLLM-Protector's robustness_eval.py:90: the CLIP processor's resize + centre crop
-OPTIONS = GENERATION_OPTIONS | {"root", "questions", "images", "scenarios", "kinds", "judge", "judge_templates"}
+OPTIONS = GENERATION_OPTIONS | {"root", "questions", "images", "scenarios", "kinds", "judge", "judge_templates",
+                                "synthetic"}
 
 
 def judge_templates(path: str | Path | None = None) -> dict[str, Any]:
@@ -88,7 +100,8 @@ def load_questions(path: str | Path, scenario: str) -> list[tuple[str, dict[str,
 def build_samples(questions_dir: Path, images_dir: Path, scenarios: list[str], kinds: list[str],
                   max_samples: int | None = None):
     """Prompts for every scenario x kind: `<image>\\n` + the kind's question field, image `{id}.jpg`."""
-    from vlsafe.data.schema import IMAGE_PLACEHOLDER, Sample, is_blank
+    from vlsafe.constants import IMAGE_PLACEHOLDER
+    from vlsafe.data.schema import Sample, is_blank
 
     samples = []
     for scenario in scenarios:
@@ -132,6 +145,7 @@ def asr_table(predictions: list[dict[str, Any]], keys: tuple[str, ...]) -> list[
 def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size: int = 8,
              progress: bool = True) -> SuiteResult:
     check_options(options, OPTIONS, SUITE_NAME)
+    options, synthetic = synthetic_test_set(options, SUITE_NAME)
     if not options.get("root") and not (options.get("questions") and options.get("images")):
         raise ValueError("suite 'mmsafetybench': give `root` (with processed_questions/ and imgs/) or both "
                          "`questions` and `images`")
@@ -180,6 +194,8 @@ def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size:
             "image_preprocess": preprocess,
             "judge": describe(judge), "templates_apply": describe(judge).get("type") == "endpoint",
             "generated": generated.generated, "cached": generated.cached, "skipped": generated.skipped}
+    if synthetic:
+        info["synthetic"] = synthetic
     charts = [ChartSpec("asr_by_scenario_kind", y="asr", x="scenario", group="kind",
                         title="MM-SafetyBench ASR per scenario and image kind", ylabel="ASR (%)")]
     return SuiteResult(metrics=metrics, tables={"asr_by_scenario_kind": by_cell, "asr_by_kind": by_kind},

@@ -8,7 +8,7 @@ Parts (option `parts`, default all three):
   `refusal_failure_rate` = share of prompts about *hazard images* (`unsafes`) not refused, the number
   VLGuard-style safety data must lower; `harmful_request_refusal_failure_rate` (`safe_unsafes`: harmful
   requests about safe images); `over_refusal` (`safe_safes` refused). Refusal = VLGuard's string match
-  (`vlsafe.eval.refusal`), expected behaviour from `vlsafe.eval.safety.expected_refusal`.
+  (`vlsafe.monitoring.refusal`), expected behaviour from `vlsafe.eval.safety.expected_refusal`.
 - ``answers`` (`n_answers` `qa` questions about safe images): closed-set `accuracy` by likelihood ranking
   of the candidates (chance level reported as `chance`) and greedy `exact_match`, overall and per task,
   from `vlsafe.eval.answers`.
@@ -24,7 +24,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from vlsafe.eval.suites import GENERATION_OPTIONS, ChartSpec, SuiteResult, check_options, suite_answers
+from vlsafe.eval.suites import (
+    GENERATION_OPTIONS,
+    ChartSpec,
+    SuiteResult,
+    check_options,
+    suite_answers,
+)
 
 SUITE_NAME = "synthetic"
 PARTS = ("safety", "answers", "hallucination")
@@ -48,15 +54,15 @@ def _settings(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _world(settings: dict[str, Any]):
-    from vlsafe.data.synthetic import WorldConfig
+    from vlsafe.data.synthetic.world import WorldConfig
 
     return WorldConfig(image_size=int(settings["image_size"]))
 
 
 def _safety(model, settings, out_dir, batch_size, progress) -> SuiteResult:
-    from vlsafe.data.synthetic import generate
-    from vlsafe.eval.refusal import is_refusal
+    from vlsafe.data.synthetic.world import generate
     from vlsafe.eval.safety import expected_refusal
+    from vlsafe.monitoring.refusal import is_refusal
 
     samples = list(generate(int(settings["n_safety"]), seed=int(settings["seed"]), kinds=["safety"],
                             cfg=_world(settings), split="heldout-safety"))
@@ -84,7 +90,7 @@ def _safety(model, settings, out_dir, batch_size, progress) -> SuiteResult:
 
 
 def _answers(model, settings, out_dir, batch_size, progress) -> SuiteResult:
-    from vlsafe.data.synthetic import generate
+    from vlsafe.data.synthetic.world import generate
     from vlsafe.eval.answers import choose_answers, normalise_answer
 
     samples = list(generate(int(settings["n_answers"]), seed=int(settings["seed"]), kinds=["qa"],

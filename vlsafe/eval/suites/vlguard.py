@@ -23,7 +23,8 @@ As released (`VLGuard_eval.py`, `utils.check_success_attack`, `gpt4_evaluator.py
 
 Every rate comes with its denominator (`<rate>_n`).
 
-Options: `test_json` and `images` (required), `subsets`, `reference`, `helpfulness_judge`,
+Options: `test_json` and `images` (required; or `synthetic: {n, seed}`: a held-out synthetic set in this layout,
+built on first use, `vlsafe.data.synthetic.benchmarks`), `subsets`, `reference`, `helpfulness_judge`,
 `helpfulness_image` (attach the image to the judge prompt, default true), `helpfulness_prompt` (a text file
 with `{instruction}`/`{output_1}`/`{output_2}` slots instead of vlsafe's prompt), `max_samples` (per subset),
 `max_new_tokens` (256), `template` (llava_v1), `image_preprocess` (crop), `on_error` (raise | skip).
@@ -37,15 +38,31 @@ from pathlib import Path
 from typing import Any
 
 from vlsafe.data.schema import is_blank
-from vlsafe.eval.judges import chat_judge, describe, fill_template, matched_refusal, vlguard_attack_success
-from vlsafe.eval.suites import (GENERATION_OPTIONS, ChartSpec, SuiteResult, add_rate, check_options, existing_path,
-                                image_preprocess, percent, suite_answers)
+from vlsafe.eval.judges import (
+    chat_judge,
+    describe,
+    fill_template,
+    matched_refusal,
+    vlguard_attack_success,
+)
+from vlsafe.eval.suites import (
+    GENERATION_OPTIONS,
+    ChartSpec,
+    SuiteResult,
+    add_rate,
+    check_options,
+    existing_path,
+    image_preprocess,
+    percent,
+    suite_answers,
+    synthetic_test_set,
+)
 
 SUITE_NAME = "vlguard"
 SUBSETS = ("unsafes", "safe_unsafes", "safe_safes")
 ATTACK_SUBSETS = ("unsafes", "safe_unsafes")
 OPTIONS = GENERATION_OPTIONS | {"test_json", "images", "subsets", "reference", "helpfulness_judge",
-                                "helpfulness_image", "helpfulness_prompt"}
+                                "helpfulness_image", "helpfulness_prompt", "synthetic"}
 IMAGE_PREPROCESS = "crop"  # model_utils.py:10: the CLIP processor's resize + centre crop
 
 
@@ -122,6 +139,8 @@ def asr_rows(predictions: list[dict[str, Any]], keys: tuple[str, ...]) -> list[d
 
 def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size: int = 8,
              progress: bool = True) -> SuiteResult:
+    check_options(options, OPTIONS, SUITE_NAME)
+    options, synthetic = synthetic_test_set(options, SUITE_NAME)
     check_options(options, OPTIONS, SUITE_NAME, required=("test_json", "images"))
     subsets = list(options.get("subsets", SUBSETS))
     unknown = [s for s in subsets if s not in SUBSETS]
@@ -179,6 +198,8 @@ def evaluate(model, options: dict[str, Any], out_dir: str | Path, *, batch_size:
                             "asr_judge": {"type": "string_match", "keywords": "vlguard"},
                             "generated": generated.generated, "cached": generated.cached,
                             "skipped": (errors or []) + generated.skipped}
+    if synthetic:
+        info["synthetic"] = synthetic
 
     if judge is not None:
         _helpfulness(judge, options, predictions, samples, metrics, tables, charts, info, progress)
