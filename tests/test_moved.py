@@ -59,3 +59,15 @@ def test_a_checkpoint_of_another_method_is_still_refused_after_the_mapping(tmp_p
     path, checkpoint = _old_checkpoint(tmp_path, module, "vlsafe.methods.preference.PreferenceModule")
     with pytest.raises(CheckpointMismatchError, match="PreferenceModule"):
         check_resume(checkpoint, path, class_path(SFTModule), {})
+
+
+@pytest.mark.parametrize("class_path, message", [
+    ("os.system", "not a vlsafe class"),                          # never imports code outside vlsafe
+    ("vlsafe.methods.sft.SFTModule", "is not a vlsafe.builders.VLMBuilder subclass"),
+    ("vlsafe.builders.NoSuchBuilder", "cannot be imported"),
+])
+def test_a_stored_class_path_must_name_a_vlsafe_class_of_the_right_kind(class_path, message):
+    from vlsafe.builders import VLMBuilder
+
+    with pytest.raises(ValueError, match=message):
+        VLMBuilder.from_config({"class_path": class_path, "init_args": {}})

@@ -30,7 +30,7 @@ from vlsafe.core.vlm import VLM
 from vlsafe.data.encoding.processor import SpecialTokenRule, VLMProcessor
 from vlsafe.data.images import RgbMode
 from vlsafe.data.synthetic.world import corpus
-from vlsafe.moved import current_class_path
+from vlsafe.moved import import_vlsafe_class
 from vlsafe.ops.checkpoint_guard import read_checkpoint
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -115,13 +115,7 @@ class VLMBuilder:
     @staticmethod
     def from_config(config: dict[str, Any]) -> "VLMBuilder":
         """Rebuild a builder from `config()` output; only vlsafe builder classes are accepted."""
-        module_name, _, class_name = current_class_path(config["class_path"]).rpartition(".")  # pre-redesign paths too
-        if not module_name.startswith("vlsafe."):
-            raise ValueError(f"refusing to instantiate {config['class_path']!r}: not a vlsafe builder")
-        import importlib
-        cls = getattr(importlib.import_module(module_name), class_name)
-        if not (isinstance(cls, type) and issubclass(cls, VLMBuilder)):
-            raise ValueError(f"{config['class_path']!r} is not a VLMBuilder")
+        cls = import_vlsafe_class(config["class_path"], VLMBuilder, "builder")
         return cls(**config.get("init_args", {}))
 
 

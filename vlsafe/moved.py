@@ -3,6 +3,7 @@ load and resume: they name classes by dotted path (`vlsafe_method`, a builder's 
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 #: old module -> new module (a module that became a package maps to the package's module that holds its classes)
@@ -66,3 +67,18 @@ def current_class_paths(value: Any) -> Any:
     if isinstance(value, list):
         return [current_class_paths(item) for item in value]
     return value
+
+
+def import_vlsafe_class(class_path: str, base: type, what: str) -> type:
+    """The class a stored or recipe `class_path` names (pre-redesign paths mapped), refused unless it is a vlsafe
+    subclass of `base`: a checkpoint is data, and a class path inside one must not import arbitrary code."""
+    module_name, _, class_name = current_class_path(str(class_path)).rpartition(".")
+    if not module_name.startswith("vlsafe."):
+        raise ValueError(f"refusing to instantiate {class_path!r} as a {what}: not a vlsafe class")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{what} {class_path!r} cannot be imported: {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"{what} {class_path!r} is not a {base.__module__}.{base.__qualname__} subclass")
+    return cls

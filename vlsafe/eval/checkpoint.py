@@ -10,7 +10,6 @@ exactly like `tools/fit.py --ckpt_path` does: the checkpoint's hyperparameters g
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from pathlib import Path
@@ -22,7 +21,7 @@ from vlsafe.builders import FromCheckpoint, LlavaHF, LlavaOriginal, resolve_dtyp
 from vlsafe.data.encoding.templates import get_template
 from vlsafe.methods.base import VLMModule
 from vlsafe.methods.sft import SFTModule
-from vlsafe.moved import current_class_path
+from vlsafe.moved import import_vlsafe_class
 from vlsafe.ops.checkpoint_guard import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -32,18 +31,7 @@ MODEL_TYPES = ("ckpt", "llava-hf", "llava-original")
 
 def resolve_module_class(class_path: str) -> type:
     """A vlsafe `VLMModule` subclass by dotted path; anything else is refused (no arbitrary imports)."""
-
-    class_path = current_class_path(class_path)  # a checkpoint from before the layout redesign
-    module_name, _, class_name = class_path.rpartition(".")
-    if not module_name.startswith("vlsafe."):
-        raise ValueError(f"model class {class_path!r} is not a vlsafe class")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"model class {class_path!r} cannot be imported: {err}") from None
-    if not (isinstance(cls, type) and issubclass(cls, VLMModule)):
-        raise ValueError(f"model class {class_path!r} is not a vlsafe.methods.base.VLMModule subclass")
-    return cls
+    return import_vlsafe_class(class_path, VLMModule, "model class")
 
 
 def _accepted_arguments(cls: type) -> set[str] | None:

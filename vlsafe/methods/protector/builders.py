@@ -10,7 +10,6 @@ how to rebuild the model without pickling anything and loads with `torch.load(we
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from vlsafe.builders import resolve_dtype
 from vlsafe.core.tokenizer import train_bpe_tokenizer
 from vlsafe.data.synthetic.world import corpus
-from vlsafe.moved import current_class_path
+from vlsafe.moved import import_vlsafe_class
 
 HEADS = ("classifier", "causal_lm")
 
@@ -60,12 +59,7 @@ class TextLMBuilder:
         """Rebuild a builder from `config()` output; only vlsafe text builders are accepted."""
         if isinstance(config, TextLMBuilder):
             return config
-        module_name, _, class_name = current_class_path(str(config.get("class_path", ""))).rpartition(".")
-        if not module_name.startswith("vlsafe."):
-            raise ValueError(f"refusing to instantiate {config.get('class_path')!r}: not a vlsafe text builder")
-        cls = getattr(importlib.import_module(module_name), class_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, TextLMBuilder)):
-            raise ValueError(f"{config['class_path']!r} is not a TextLMBuilder")
+        cls = import_vlsafe_class(config.get("class_path", ""), TextLMBuilder, "text builder")
         return cls(**config.get("init_args", {}))
 
 
